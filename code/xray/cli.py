@@ -1,0 +1,118 @@
+"""Command line: ``python -m xray <command>`` (``wrapper.sh`` sets up the environment and calls it).
+
+Every error a user can fix prints one line on stderr (``error: ...``) and exits non-zero; no
+Python traceback reaches the terminal for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import load_config
+from .errors import UserError, worker_error_message
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wrapper.sh",
+        description="Transfer-learning experiments on chest X-rays with Spark ML and Keras backbones.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    sub.add_parser("list", help="list the experiments, one a line")
+
+    run = sub.add_parser("run", help="run one named experiment (or job) from the config")
+    run.add_argument("experiment")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key for this run (repeatable), e.g. --set weights=random")
+    return parser
+
+
+class _ArgumentError(UserError):
+    pass
+
+
+def _quiet_parser() -> argparse.ArgumentParser:
+    parser = _parser()
+
+    def fail(message):
+        parser.print_usage(sys.stderr)
+        raise _ArgumentError(message)
+
+    parser.error = fail  # type: ignore[method-assign]
+    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public hook
+        for sub in action.choices.values():
+            sub.error = fail  # type: ignore[method-assign]
+    return parser
+
+
+def cmd_list(args) -> int:
+    for name in load_config(args.config).names:
+        print(name)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .experiment import run_experiment, run_resize
+
+    exp = load_config(args.config).experiment(args.experiment, args.overrides)
+    if exp.job == "resize":
+        run_resize(exp)
+        return 0
+    metrics = run_experiment(exp)
+    print(format_result(metrics, exp.results_dir))
+    return 0
+
+
+def format_result(m: dict, results_dir: str) -> str:
+    lo, hi = m["accuracy_ci95"]
+    lines = [
+        f"{m['experiment']}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_test']} test images"
+        f" ({m['n_train']} train), weights={m['weights']}"
+        + ("" if m["transfer_learning"] else " [random weights: NOT transfer learning]"),
+    ]
+    for cls, v in m["per_class"].items():
+        lines.append(f"  recall {cls}: {v['recall']:.3f} (precision {v['precision']:.3f}, support {v['support']})")
+    rate = m.get("images_per_second")
+    lines.append(
+        f"  featurization: {m['images_featurized']} images in {m['featurization_seconds']:.1f} s"
+        + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
+        + f"; {m['images_from_cache']} from cache"
+    )
+    lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _quiet_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - turn known errors from Spark workers into one line
+        from imagefeaturizer.backbones import WeightsError
+
+        if isinstance(exc, WeightsError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        message = worker_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""One experiment: data -> features -> LogisticRegression -> metrics and a saved PipelineModel.
+
+The fitted model is one Spark ML ``PipelineModel``:
+``StringIndexer`` (class folder names -> label index) -> ``KerasImageFeaturizer`` ->
+``LogisticRegression`` -> ``IndexToString`` (prediction -> class name). It is saved with
+``write().save()`` and loads with ``PipelineModel.load()`` in any process.
+
+Fitting is ``Pipeline.fit`` spelled out so that each image is featurized once (through the
+feature cache) and then shared by training and evaluation: the featurizer is a Transformer with
+nothing to learn, so the assembled model is the very same one ``Pipeline.fit`` would return.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import time
+import uuid
+
+import numpy as np
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.feature import IndexToString, StringIndexer
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+
+from imagefeaturizer import backbones
+from imagefeaturizer.featurizer import KerasImageFeaturizer
+
+from . import data
+from .config import Experiment
+from .errors import DataError
+from .evaluation import classification_metrics
+from .features import featurize_cached
+from .session import spark_session
+
+LABEL, LABEL_INDEX, PREDICTED = "label", "label_index", "predicted_label"
+
+
+def load_images(spark: SparkSession, root: str, classes: list[str]) -> DataFrame:
+    """(path, label, content) for the PNGs of each class folder; read by executors."""
+    frames = [
+        spark.read.format("binaryFile")
+        .option("pathGlobFilter", "*.png")
+        .option("recursiveFileLookup", "true")
+        .load(os.path.join(root, cls))
+        .select("path", F.lit(cls).alias(LABEL), "content")
+        for cls in classes
+    ]
+    result = frames[0]
+    for frame in frames[1:]:
+        result = result.unionByName(frame)
+    return result
+
+
+def with_split(df: DataFrame, seed: int, test_fraction: float, cv_folds: int = 0) -> DataFrame:
+    """Add ``is_test`` (stratified, seeded, exact per class) and ``fold`` (for cross-validation).
+
+    The order inside each class is a hash of (class, file name, seed): the same files and seed
+    give the same split on any machine and any partitioning.
+    """
+    name = F.regexp_extract(F.col("path"), r"([^/]+)$", 1)
+    order = Window.partitionBy(LABEL).orderBy(F.xxhash64(F.col(LABEL), name, F.lit(seed)), name)
+    ranked = df.withColumn("_rank", F.row_number().over(order)).withColumn(
+        "_n", F.count(F.lit(1)).over(Window.partitionBy(LABEL))
+    )
+    n_test = F.greatest(F.lit(1), F.round(F.col("_n") * F.lit(test_fraction)))
+    ranked = ranked.withColumn("is_test", F.col("_rank") <= n_test)
+    folds = max(cv_folds, 1)
+    ranked = ranked.withColumn("fold", ((F.col("_rank") - n_test - 1) % F.lit(folds)).cast("int"))
+    return ranked.drop("_rank", "_n")
+
+
+def make_classifier(settings: dict, n_classes: int) -> LogisticRegression:
+    c = settings["classifier"]
+    return LogisticRegression(
+        featuresCol="features",
+        labelCol=LABEL_INDEX,
+        family="binomial" if n_classes == 2 else "multinomial",
+        regParam=c["regParam"],
+        elasticNetParam=c["elasticNetParam"],
+        maxIter=c["maxIter"],
+        tol=c["tol"],
+        standardization=c["standardization"],
+    )
+
+
+def fit_head(train: DataFrame, settings: dict, n_classes: int) -> tuple:
+    """(StringIndexerModel, LogisticRegressionModel, IndexToString) fitted on feature rows."""
+    indexer = StringIndexer(inputCol=LABEL, outputCol=LABEL_INDEX, stringOrderType="alphabetAsc")
+    fitted = Pipeline(stages=[indexer, make_classifier(settings, n_classes)]).fit(train)
+    indexer_model, lr_model = fitted.stages
+    converter = IndexToString(inputCol="prediction", outputCol=PREDICTED, labels=indexer_model.labels)
+    return indexer_model, lr_model, converter
+
+
+def predict_rows(stages: list, df: DataFrame) -> dict[str, np.ndarray]:
+    """Apply fitted head stages to feature rows; collect the (small) prediction columns."""
+    out = PipelineModel(stages).transform(df).select("path", LABEL_INDEX, "prediction", "probability").toPandas()
+    return {
+        "path": out["path"].to_numpy(),
+        "y_true": out[LABEL_INDEX].to_numpy(dtype=int),
+        "y_pred": out["prediction"].to_numpy(dtype=int),
+        "probability": np.stack([np.asarray(p.toArray()) for p in out["probability"]]) if len(out) else np.zeros((0, 0)),
+    }
+
+
+def save_model_atomic(model: PipelineModel, dest: str) -> None:
+    """Save next to ``dest`` and rename into place: a reader sees the old model or the new one."""
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-model-{uuid.uuid4().hex}")
+    old = os.path.join(parent, f".old-model-{uuid.uuid4().hex}")
+    try:
+        model.write().save(tmp)
+        if os.path.exists(dest):
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("pyspark", "tensorflow-cpu", "tensorflow", "keras", "numpy", "pillow"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def ensure_resized(spark: SparkSession, exp: Experiment, log=print) -> None:
+    """Run the resize job when ``resized_dir`` is missing or stale."""
+    ds = exp["dataset"]
+    if data.is_resized_current(exp.raw_dir, exp.resized_dir, ds["image_size"], ds["mode"], exp["max_image_pixels"]):
+        return
+    log(f"{exp.resized_dir} is missing or stale: running the resize step first")
+    run_resize(exp, spark=spark, log=log)
+
+
+def run_resize(exp: Experiment, spark: SparkSession | None = None, log=print) -> data.ResizeReport:
+    ds = exp["dataset"]
+    data.list_dataset(exp.raw_dir)  # fail before Spark starts when the folder is wrong
+    spark = spark or spark_session(exp.settings)
+    start = time.perf_counter()
+    report = data.resize_dataset(
+        spark,
+        exp.raw_dir,
+        exp.resized_dir,
+        size=ds["image_size"],
+        mode=ds["mode"],
+        max_pixels=exp["max_image_pixels"],
+        handle_invalid=exp["handleInvalid"],
+        log=log,
+    )
+    log(f"resize: {report.summary()} ({time.perf_counter() - start:.1f} s)")
+    for rel, reason in report.invalid.items():
+        log(f"  skipped invalid image {os.path.join(exp.raw_dir, rel)}: {reason}")
+    if report.warning:
+        log(report.warning)
+    return report
+
+
+def run_experiment(exp: Experiment, log=print) -> dict:
+    """Run one named experiment end to end; returns the metrics written to metrics.json."""
+    started = time.perf_counter()
+    classes = sorted(exp.classes)
+    data.list_dataset(exp.raw_dir, exp.classes)  # checks before any Spark work
+    backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
+    random_weights = exp["weights"] == backbones.RANDOM
+    if random_weights:
+        log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
+
+    spark = spark_session(exp.settings)
+    ensure_resized(spark, exp, log)
+    audit, cue_warning, invalid_raw = data.audit_for(exp.raw_dir, exp.resized_dir, exp.classes)
+    if cue_warning:
+        log(cue_warning + " (this run uses the resized data set)")
+
+    featurizer = KerasImageFeaturizer(
+        inputCol="content",
+        outputCol="features",
+        modelName=exp.model,
+        weights=exp.weights,
+        pooling=exp["pooling"],
+        batchSize=exp["batch_size"],
+        handleInvalid=exp["handleInvalid"],
+        maxImagePixels=exp["max_image_pixels"],
+    )
+    images = load_images(spark, exp.resized_dir, exp.classes)
+    feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log)
+    split = with_split(feats, exp["seed"], exp["test_fraction"], exp["cv_folds"]).cache()
+    train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
+    n_train, n_test = train.count(), test.count()
+    lost = fstats.images - n_train - n_test
+    log(f"features: {fstats.images} images, {fstats.featurized} featurized in {fstats.seconds:.1f} s, {fstats.from_cache} from cache; train {n_train}, test {n_test}")
+
+    indexer_model, lr_model, converter = fit_head(train, exp.settings, len(classes))
+    if list(indexer_model.labels) != classes:
+        raise DataError(f"training split lacks a class: has {indexer_model.labels}, task needs {classes}")
+    pred = predict_rows([indexer_model, lr_model, converter], test)
+    metrics = classification_metrics(pred["y_true"], pred["y_pred"], pred["probability"], classes)
+
+    model = PipelineModel([indexer_model, featurizer, lr_model, converter])
+    save_model_atomic(model, os.path.join(exp.results_dir, "model"))
+
+    result = {
+        "experiment": exp.name,
+        "model": exp.model,
+        "task": exp.task,
+        "classes": classes,
+        "weights": exp["weights"],
+        "transfer_learning": not random_weights,
+        **({"note": "weights=random: untrained backbone, not transfer learning"} if random_weights else {}),
+        "accuracy": metrics.pop("accuracy"),
+        **metrics,
+        "n_train": n_train,
+        "n_test": n_test,
+        "n_images": fstats.images,
+        "images_skipped": lost + len(invalid_raw),
+        "invalid_files": {os.path.join(exp.raw_dir, k): v for k, v in invalid_raw.items()},
+        "featurization_seconds": fstats.seconds,
+        "images_featurized": fstats.featurized,
+        "images_from_cache": fstats.from_cache,
+        "images_per_second": fstats.images_per_second,
+        "images_per_second_source": fstats.rate_source,
+        "lr_iterations": int(lr_model.summary.totalIterations) if lr_model.hasSummary else None,
+        "lr_objective_history": [float(v) for v in lr_model.summary.objectiveHistory] if lr_model.hasSummary else [],
+        "data_audit": audit,
+        "data_warning": cue_warning,
+        "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True},
+        "config": exp.settings,
+        "versions": versions(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    data.write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
+    split.unpersist()
+    return result

@@ -1,0 +1,88 @@
+"""Shared fixtures: one local Spark session, tiny generated images and data sets."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = os.path.join(ROOT, "code")
+
+# Spark's Python workers must import the project and use this interpreter.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CODE, os.environ.get("PYTHONPATH", "")) if p)
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if CODE not in sys.path:
+    sys.path.insert(0, CODE)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("xray-featurizer-tests")
+        .config("spark.task.maxFailures", "1")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
+        .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def xray_like(kind: int, seed: int, size=(64, 48), mode="L"):
+    """A small synthetic image whose class is visible: kind 0 a bright disc, 1 stripes, 2 a ramp."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    if kind == 0:
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+        base = 220.0 * (((yy - cy) ** 2 + (xx - cx) ** 2) < (0.25 * min(w, h)) ** 2)
+    elif kind == 1:
+        period = rng.integers(4, 8)
+        base = 200.0 * ((xx // period) % 2)
+    else:
+        base = 255.0 * yy / max(1, h - 1)
+    pixels = np.clip(base + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "L")
+    return image.convert(mode) if mode != "L" else image
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_dataset(root, classes=("Covid-19", "No_findings", "Pneumonia"), per_class=6, seed=0) -> str:
+    """A folder-per-class data set of small generated images, in mixed modes and formats."""
+    root = str(root)
+    for k, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            image = xray_like(k % 3, seed * 1000 + k * 100 + i, size=(64 + 8 * i, 56 + 4 * k))
+            if k == 0 and i % 2:
+                image.convert("RGB").save(os.path.join(folder, f"img{i}.jpg"), quality=95)
+            else:
+                image.save(os.path.join(folder, f"img{i}.png"))
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "raw")

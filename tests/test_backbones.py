@@ -1,0 +1,117 @@
+"""The registry matches Keras: input size, feature size, preprocessing and features."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from conftest import png_bytes, xray_like
+from imagefeaturizer import backbones
+from imagefeaturizer.featurizer import FeatureExtractor
+
+# What Keras documents for each application without its top and with global pooling.
+KERAS_FACTS = {
+    "InceptionV3": ("inception_v3", 299, 2048),
+    "ResNet50": ("resnet50", 224, 2048),
+    "VGG16": ("vgg16", 224, 512),
+    "VGG19": ("vgg19", 224, 512),
+    "Xception": ("xception", 299, 2048),
+}
+
+
+def test_registry_names_the_five_backbones():
+    assert sorted(backbones.BACKBONES) == sorted(KERAS_FACTS)
+
+
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
+def test_features_equal_keras_own_pipeline(name, tmp_path):
+    """Our bytes -> features path equals load_img + the module's preprocess_input + the model."""
+    import keras
+
+    module_name, size, feature_size = KERAS_FACTS[name]
+    entry = backbones.get_backbone(name)
+    assert (entry.input_size, entry.feature_size) == (size, feature_size)
+
+    image = xray_like(1, seed=7, size=(90, 70), mode="RGB")
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(image))
+
+    extractor = FeatureExtractor(name, None, "avg")
+    ours = extractor.predict([extractor.prepare(image)], batch_size=4)
+    assert ours.shape == (1, feature_size)
+
+    module = importlib.import_module(f"keras.applications.{module_name}")
+    reference = getattr(keras.applications, name)(
+        weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
+    )
+    reference.set_weights(extractor.model.get_weights())
+    pixels = keras.utils.img_to_array(
+        keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear")
+    )
+    expected = reference.predict(module.preprocess_input(pixels[None].copy()), verbose=0)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(ours).sum() > 0
+
+
+def test_random_weights_are_the_same_in_every_build():
+    a = backbones.build_model("VGG16", None)
+    b = backbones.build_model("VGG16", None)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_weights_file_round_trip_and_mismatch(tmp_path):
+    model = backbones.build_model("VGG16", None)
+    path = str(tmp_path / "vgg16.weights.h5")
+    model.save_weights(path)
+    assert backbones.resolve_weights("VGG16", path) == path
+    loaded = backbones.build_model("VGG16", path)
+    for wa, wb in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    with pytest.raises(backbones.WeightsError, match="does not fit ResNet50"):
+        backbones.build_model("ResNet50", path)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(backbones.WeightsError, match="not found"):
+        backbones.resolve_weights("VGG16", str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_offline_names_the_fixes(monkeypatch, tmp_path):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(backbones.WeightsUnavailableError) as info:
+        backbones.resolve_weights("Xception", "imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    for fix in ("xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "Keras cache", "weights=random"):
+        assert fix in message
+
+
+def test_imagenet_uses_the_keras_cache(monkeypatch, tmp_path):
+    """With the file in the Keras cache, no download is attempted: Keras' own lookup finds it."""
+    calls = {}
+
+    import keras
+
+    def fake_get_file(fname, origin, cache_subdir, file_hash):
+        calls.update(fname=fname, origin=origin, cache_subdir=cache_subdir, file_hash=file_hash)
+        return str(tmp_path / fname)
+
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    entry = backbones.get_backbone("ResNet50")
+    assert backbones.resolve_weights(entry, "imagenet") == str(tmp_path / entry.imagenet_file)
+    assert calls["origin"].endswith("/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert calls["cache_subdir"] == "models" and calls["file_hash"] == entry.imagenet_md5
+
+
+@pytest.mark.parametrize("bad", ["resnet", "VGG-16", "", None])
+def test_unknown_backbone_lists_the_allowed(bad):
+    with pytest.raises(ValueError, match="InceptionV3, ResNet50, VGG16, VGG19, Xception"):
+        backbones.get_backbone(bad)

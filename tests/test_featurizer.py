@@ -1,0 +1,166 @@
+"""The Transformer: Params, both input kinds, invalid images, the per-worker cache, persistence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.feature import IndexToString, StringIndexer
+from pyspark.ml.linalg import DenseVector
+
+from conftest import ROOT, make_dataset, png_bytes, xray_like
+from imagefeaturizer import backbones
+from imagefeaturizer.featurizer import FeatureExtractor, KerasImageFeaturizer, get_extractor
+from imagefeaturizer.images import decode_to_pil
+
+MODEL = "ResNet50"  # the cheapest backbone on a CPU
+
+
+def _local_features(paths, model=MODEL):
+    extractor = get_extractor(model, None, "avg")
+    arrays = [extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths]
+    return extractor.predict(arrays, batch_size=8)
+
+
+def _strip(path: str) -> str:
+    return path.replace("file://", "").replace("file:", "")
+
+
+def test_params_defaults_and_validation():
+    f = KerasImageFeaturizer()
+    assert (f.getInputCol(), f.getOutputCol(), f.getModelName()) == ("content", "features", "ResNet50")
+    assert (f.getWeights(), f.getPooling(), f.getBatchSize(), f.getHandleInvalid()) == ("imagenet", "avg", 32, "error")
+    f.setModelName("VGG19").setPooling("max").setBatchSize(4)
+    assert (f.getModelName(), f.getPooling(), f.getBatchSize()) == ("VGG19", "max", 4)
+    with pytest.raises(ValueError, match="expected one of InceptionV3"):
+        KerasImageFeaturizer(modelName="AlexNet")
+    with pytest.raises(ValueError, match="pooling"):
+        KerasImageFeaturizer(pooling="flatten")
+    with pytest.raises(ValueError, match="handleInvalid"):
+        KerasImageFeaturizer(handleInvalid="keep")
+    with pytest.raises(ValueError, match="batchSize"):
+        KerasImageFeaturizer(batchSize=0)
+
+
+def test_extractor_is_built_once_per_process():
+    assert get_extractor(MODEL, None, "avg") is get_extractor(MODEL, None, "avg")
+
+
+def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        xray_like(i % 3, seed=i, size=(80, 60), mode="RGB").save(folder / f"im{i}.png")
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", batchSize=2)
+
+    binary = spark.read.format("binaryFile").load(str(folder))
+    rows = f.transform(binary).select("path", "features").collect()
+    assert len(rows) == 5 and all(isinstance(r.features, DenseVector) for r in rows)
+    paths = [_strip(r.path) for r in rows]
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), _local_features(paths), rtol=1e-4, atol=1e-4)
+
+    struct = spark.read.format("image").load(str(folder))
+    rows2 = f.copy({f.inputCol: "image"}).transform(struct).select("image.origin", "features").collect()
+    by_path = {_strip(r.origin): r.features.toArray() for r in rows2}
+    np.testing.assert_allclose(np.stack([by_path[p] for p in paths]), _local_features(paths), rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_input_column_type_is_a_clear_error(spark):
+    df = spark.createDataFrame([(1,)], ["content"])
+    with pytest.raises(TypeError, match="expected binary image bytes"):
+        KerasImageFeaturizer(weights="random").transform(df)
+    with pytest.raises(ValueError, match="not found"):
+        KerasImageFeaturizer(weights="random", inputCol="image").transform(df)
+
+
+def test_handle_invalid_skip_and_error(spark, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    xray_like(0, seed=1).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(png_bytes(xray_like(1, seed=2))[:60])
+    df = spark.read.format("binaryFile").load(str(folder))
+
+    kept = KerasImageFeaturizer(modelName=MODEL, weights="random", handleInvalid="skip").transform(df)
+    assert [os.path.basename(r.path) for r in kept.select("path").collect()] == ["good.png"]
+
+    with pytest.raises(Exception) as info:
+        KerasImageFeaturizer(modelName=MODEL, weights="random").transform(df).collect()
+    from xray.errors import worker_error_message
+
+    message = worker_error_message(info.value)
+    assert message is not None and "broken.png" in message and "truncated" in message
+
+
+def _fit_pipeline(spark, root):
+    images = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(root))
+    from pyspark.sql import functions as F
+
+    images = images.withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
+    indexer = StringIndexer(inputCol="label", outputCol="label_index")
+    featurizer = KerasImageFeaturizer(modelName=MODEL, weights="random", batchSize=4)
+    lr = LogisticRegression(labelCol="label_index", maxIter=20, regParam=0.1)
+    fitted = Pipeline(stages=[indexer, featurizer, lr]).fit(images)
+    converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=fitted.stages[0].labels)
+    return PipelineModel(fitted.stages + [converter]), images
+
+
+def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
+    root = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=4)
+    model, images = _fit_pipeline(spark, root)
+    predictions = {
+        _strip(r.path): (r.predicted_label, r.probability.toArray().tolist())
+        for r in model.transform(images.drop("label")).select("path", "predicted_label", "probability").collect()
+    }
+    save_to = str(tmp_path / "model")
+    model.write().save(save_to)
+
+    script = (
+        "import json, sys\n"
+        "from pyspark.sql import SparkSession\n"
+        "from pyspark.ml import PipelineModel\n"
+        "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
+        ".config('spark.ui.enabled','false').getOrCreate()\n"
+        "m = PipelineModel.load(sys.argv[1])\n"
+        "df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(sys.argv[2])\n"
+        "rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
+        "print(json.dumps({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, save_to, str(root)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    loaded = {_strip(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    assert loaded.keys() == predictions.keys()
+    for path, (label, prob) in predictions.items():
+        assert loaded[path][0] == label
+        np.testing.assert_allclose(loaded[path][1], prob, rtol=1e-5, atol=1e-6)
+    stage = PipelineModel.load(save_to).stages[1]
+    assert isinstance(stage, KerasImageFeaturizer) and stage.getWeights() == "random"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
+def test_every_backbone_in_spark(spark, tmp_path, name):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        xray_like(i, seed=i, size=(50, 40)).save(folder / f"im{i}.png")
+    rows = (
+        KerasImageFeaturizer(modelName=name, weights="random", pooling="max")
+        .transform(spark.read.format("binaryFile").load(str(folder)))
+        .select("path", "features")
+        .collect()
+    )
+    assert len(rows) == 3
+    assert {len(r.features) for r in rows} == {backbones.get_backbone(name).feature_size}
+    extractor = FeatureExtractor(name, None, "max")
+    paths = [_strip(r.path) for r in rows]
+    expected = extractor.predict([extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths], 4)
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-4, atol=1e-4)
