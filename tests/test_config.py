@@ -23,7 +23,7 @@ def config():
 
 
 def test_one_entry_per_model_and_task(config):
-    assert set(config.names) == EXPECTED | {"dataset_resize"}
+    assert set(config.names) == EXPECTED | {"dataset_resize", "dataset_download"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -30,6 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("experiment")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key for this run (repeatable), e.g. --set weights=random")
+
+    sweep = sub.add_parser("sweep", help="run the matching experiments and write results/summary.*")
+    sweep.add_argument("pattern", nargs="?", default="*_classification",
+                       help="shell-style pattern of experiment names (default: all ten)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    predict = sub.add_parser("predict", help="classify new images with a saved model")
+    predict.add_argument("model", help="experiment name (uses results/<experiment>/model) or a saved model folder")
+    predict.add_argument("images", help="an image file or a folder of images")
+    predict.add_argument("--output", help="CSV to write (default: predictions.csv beside the model)")
+    predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    cluster = sub.add_parser("cluster", help="start or stop a local Spark standalone cluster")
+    cluster.add_argument("action", choices=["start", "stop", "status"])
+    cluster.add_argument("--workers", type=int, default=2)
     return parser
 
 
@@ -64,6 +79,11 @@ def cmd_run(args) -> int:
     if exp.job == "resize":
         run_resize(exp)
         return 0
+    if exp.job == "download":
+        from .download import run_download
+
+        run_download(exp)
+        return 0
     metrics = run_experiment(exp)
     print(format_result(metrics, exp.results_dir))
     return 0
@@ -88,7 +108,25 @@ def format_result(m: dict, results_dir: str) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run}
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    return run_sweep(load_config(args.config), args.pattern, args.overrides)
+
+
+def cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    return run_predict(load_config(args.config), args.model, args.images, args.output, args.overrides)
+
+
+def cmd_cluster(args) -> int:
+    from .cluster import run_cluster
+
+    return run_cluster(args.action, args.workers)
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "cluster": cmd_cluster}
 
 
 def main(argv: list[str] | None = None) -> int:
