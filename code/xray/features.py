@@ -32,7 +32,7 @@ FEATURE_VERSION = "v1"
 class FeaturizeStats:
     images: int  # images in the data set
     featurized: int  # featurized in this run
-    from_cache: int  # read from the cache
+    from_cache: int  # images whose features were already in the cache
     seconds: float  # featurization wall time of this run
     images_per_second: float | None  # this run's rate, else the rate recorded by the cache parts
     rate_source: str  # "this run" | "cache" | "none"
@@ -90,10 +90,11 @@ def featurize_cached(
     cached = spark.read.parquet(*parts) if parts else None
     missing = keyed.join(cached.select("sha256"), "sha256", "left_anti") if cached is not None else keyed
     missing = missing.dropDuplicates(["sha256"])
-    n_missing = missing.count()
+    n_missing = missing.count()  # distinct contents: duplicate images are featurized once
+    n_cached = keyed.join(cached.select("sha256"), "sha256", "left_semi").count() if cached is not None else 0
     seconds, n_done = 0.0, 0
     if n_missing:
-        log(f"featurizing {n_missing} images with {featurizer.getModelName()} ({total - n_missing} cached)")
+        log(f"featurizing {n_missing} images with {featurizer.getModelName()} ({n_cached} of {total} already cached)")
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
         start = time.perf_counter()
@@ -113,7 +114,7 @@ def featurize_cached(
         joined = keyed.limit(0).select("path", "label", F.lit(None).alias("features"))
     else:
         joined = keyed.select("path", "label", "sha256").join(feats, "sha256", "inner").drop("sha256")
-    stats = FeaturizeStats(total, n_done, total - n_missing, seconds, rate, source)
+    stats = FeaturizeStats(total, n_done, n_cached, seconds, rate, source)
     return joined, stats
 
 
