@@ -77,6 +77,7 @@ SCHEMA: dict[str, Any] = {
         "mode": _choice("L", "RGB"),
         "download_url": _text,
         "download_subdir": _text,
+        "download_sha256": _text,  # optional: the archive's expected SHA-256 (hex)
     },
     "classifier": {
         "regParam": _typed(float, minimum=0.0),

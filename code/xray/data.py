@@ -11,77 +11,147 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import pandas as pd
 
-from imagefeaturizer.images import InvalidImageError, decode_to_pil, image_info, is_image_file, resize_pil
+from imagefeaturizer.images import (
+    IMAGE_EXTENSIONS,
+    InvalidImageError,
+    decode_to_pil,
+    image_info,
+    is_image_file,
+    resize_pil,
+)
 
 from .errors import DataError
 
 MANIFEST = ".resize-manifest.json"
+AUDIT_FILE = "data-audit.json"
+FILES_PER_TASK = 16  # the resize job's smallest share of files per Spark task
+_EXTENSIONS = ", ".join(sorted(IMAGE_EXTENSIONS))
 
 
 @dataclass
 class Listing:
-    """Image files per class folder (paths relative to the root), and what was ignored."""
+    """Image files per class folder (paths relative to the root), and what was ignored.
+
+    ``ignored`` maps each left-out entry (relative path; folders end with ``/``) to the reason.
+    """
 
     root: str
     files: dict[str, list[str]]
-    ignored: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         return sum(len(v) for v in self.files.values())
 
+    def ignored_in(self, cls: str) -> list[str]:
+        """Ignored entries inside one class folder."""
+        return [rel for rel in self.ignored if rel.split(os.sep, 1)[0] == cls and rel != f"{cls}/"]
+
+
+def _ignore_reason(name: str) -> str:
+    return "hidden" if name.startswith(".") else "not an image file extension"
+
 
 def list_dataset(root: str, classes: list[str] | None = None) -> Listing:
     """Class folders of ``root`` and their image files; checks what a task needs.
 
-    Raises DataError when the folder is missing, has fewer than two class folders, lacks a class
-    the task needs, or a needed class holds no image. Hidden files and non-image extensions are
-    ignored and reported.
+    Raises DataError when the folder is missing, lacks a class the task needs, a needed class
+    holds no image, or fewer than two class folders hold images. Hidden files and folders,
+    non-image extensions, files beside the class folders and (without a task) empty class
+    folders are left out and listed in ``Listing.ignored`` with the reason.
     """
     if not os.path.isdir(root):
+        what = "is not a folder" if os.path.exists(root) else "not found"
         raise DataError(
-            f"data folder {root} not found: set dataset.raw_dir to a folder with one sub-folder per "
+            f"data folder {root} {what}: set dataset.raw_dir to a folder with one sub-folder per "
             f"class (--set dataset.raw_dir=PATH), or run ./wrapper.sh run dataset_download"
         )
     files: dict[str, list[str]] = {}
-    ignored: list[str] = []
+    ignored: dict[str, str] = {}
     for entry in sorted(os.listdir(root)):
         full = os.path.join(root, entry)
         if entry.startswith("."):
+            ignored[entry + ("/" if os.path.isdir(full) else "")] = "hidden"
             continue
         if not os.path.isdir(full):
-            ignored.append(entry)
+            ignored[entry] = "not in a class folder"
             continue
         images = []
         for dirpath, dirnames, names in os.walk(full):
+            for d in sorted(d for d in dirnames if d.startswith(".")):
+                ignored[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "hidden"
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(names):
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
-                (images if is_image_file(name) else ignored).append(rel)
+                if is_image_file(name):
+                    images.append(rel)
+                else:
+                    ignored[rel] = _ignore_reason(name)
         files[entry] = images
-    if len(files) < 2:
-        raise DataError(
-            f"data folder {root} has {len(files)} class folder(s): expected at least two, one per class "
-            f"(e.g. {root}/Covid-19/, {root}/No_findings/)"
-        )
     if classes:
         missing = [c for c in classes if c not in files]
         if missing:
             raise DataError(
                 f"data folder {root} lacks class folder(s) {', '.join(missing)} needed by the task "
-                f"(found: {', '.join(files)})"
+                f"(found: {', '.join(files) or 'none'})"
             )
         empty = [c for c in classes if not files[c]]
         if empty:
-            raise DataError(f"class folder(s) {', '.join(empty)} in {root} hold no image files")
+            raise DataError(
+                f"class folder(s) {', '.join(empty)} in {root} hold no image files ({_EXTENSIONS}): "
+                f"add images or choose another task"
+            )
         files = {c: files[c] for c in classes}
-    return Listing(root, files, ignored)
+    else:
+        for cls in [c for c, rels in files.items() if not rels]:
+            ignored[f"{cls}/"] = "class folder without image files"
+            del files[cls]
+    if len(files) < 2:
+        raise DataError(
+            f"data folder {root} has {len(files)} class folder(s) with images: expected at least two, "
+            f"one per class (e.g. {os.path.join(root, 'Covid-19')}/, {os.path.join(root, 'No_findings')}/)"
+        )
+    return Listing(root, files, dict(sorted(ignored.items())))
+
+
+def describe_ignored(listing: Listing, limit: int = 10) -> str | None:
+    """One line naming what the listing left out and why (None when nothing was)."""
+    if not listing.ignored:
+        return None
+    items = list(listing.ignored.items())
+    shown = ", ".join(f"{rel} ({why})" for rel, why in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"ignored {len(items)} entries in {listing.root}: {shown}{more}"
+
+
+def list_images(path: str) -> list[str]:
+    """Image files to load from ``path``: the file itself, or every image under a folder.
+
+    A folder may hold images directly or in sub-folders (class folders or not); hidden files
+    and other extensions are left out. Returns absolute paths, sorted. Raises DataError when
+    ``path`` does not exist, is a file without an image extension, or holds no image.
+    """
+    if os.path.isfile(path):
+        if not is_image_file(path):
+            raise DataError(f"{path} is not an image file: expected one of {_EXTENSIONS}")
+        return [os.path.abspath(path)]
+    if not os.path.isdir(path):
+        raise DataError(f"{path} not found: give an image file or a folder of images")
+    found = []
+    for dirpath, dirnames, names in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.abspath(os.path.join(dirpath, n)) for n in sorted(names) if is_image_file(n))
+    if not found:
+        raise DataError(f"no image files ({_EXTENSIONS}) in {path} or its sub-folders")
+    return found
 
 
 # --------------------------------------------------------------------------- resize job
@@ -89,20 +159,26 @@ def list_dataset(root: str, classes: list[str] | None = None) -> Listing:
 
 @dataclass
 class ResizeReport:
-    written: Counter
-    unchanged: Counter
-    removed: int
-    invalid: dict[str, str]  # relative raw path -> reason
+    """What one resize run did, per class, and the audit of the whole raw folder."""
+
+    written: Counter  # class -> outputs written by this run
+    unchanged: Counter  # class -> outputs already current (not processed again)
+    removed: int  # outputs deleted because their raw file is gone or became invalid
+    invalid: dict[str, str]  # relative raw path -> reason (all known invalid files)
     audit: dict[str, dict]
     warning: str | None
+    ignored: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def summary(self) -> str:
-        classes = sorted(set(self.written) | set(self.unchanged))
-        parts = [f"{c}: {self.written[c]} written, {self.unchanged[c]} unchanged" for c in classes]
-        text = "; ".join(parts)
-        if self.invalid:
-            text += f"; {len(self.invalid)} invalid skipped"
-        return text
+        bad = Counter(rel.split(os.sep, 1)[0] for rel in self.invalid)
+        classes = sorted(set(self.written) | set(self.unchanged) | set(bad))
+        text = "; ".join(
+            f"{c}: {self.written[c]} written, {self.unchanged[c]} unchanged, {bad[c]} invalid" for c in classes
+        )
+        if self.removed:
+            text += f"; {self.removed} outdated output(s) removed"
+        return f"{text} ({self.seconds:.1f} s)"
 
 
 def _output_names(listing: Listing) -> dict[str, str]:
@@ -222,8 +298,51 @@ _RESULT_COLUMNS = {
 }
 
 
+def _remove_output(out_dir: str, rel_out: str) -> bool:
+    """Delete one output and the folders it leaves empty (never ``out_dir`` itself)."""
+    path = os.path.join(out_dir, rel_out)
+    if not os.path.isfile(path):
+        return False
+    os.unlink(path)
+    folder = os.path.dirname(path)
+    while os.path.abspath(folder) != os.path.abspath(out_dir):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+        folder = os.path.dirname(folder)
+    return True
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def invalid_error(root: str, reasons: dict[str, str]) -> DataError:
+    """The one-line error of ``handleInvalid=error``: the first bad file, its reason, the count."""
+    first, why = next(iter(reasons.items()))
+    more = f" (and {len(reasons) - 1} more invalid file(s))" if len(reasons) > 1 else ""
+    return DataError(
+        f"invalid image {os.path.join(root, first)}: {why}{more}: fix or remove it, "
+        f"or set handleInvalid=skip to leave such files out"
+    )
+
+
+def check_invalid(root: str, reasons: dict[str, str], handle_invalid: str, log=print, limit: int = 10) -> None:
+    """Apply ``handleInvalid`` to known invalid raw files: 'error' raises, 'skip' logs one line."""
+    if not reasons:
+        return
+    if handle_invalid == "error":
+        raise invalid_error(root, reasons)
+    items = list(reasons.items())
+    shown = "; ".join(f"{os.path.join(root, rel)}: {why}" for rel, why in items[:limit])
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    log(f"left out {len(items)} invalid image(s) (handleInvalid=skip): {shown}{more}")
+
+
 def resize_dataset(
-    spark,
+    spark: Any | Callable[[], Any],
     raw_dir: str,
     out_dir: str,
     *,
@@ -235,40 +354,46 @@ def resize_dataset(
 ) -> ResizeReport:
     """Write ``out_dir`` from ``raw_dir``: one mode, one size, PNG, same class layout.
 
-    Only new or changed raw files are processed; outputs of removed raw files are removed.
-    With ``handle_invalid='error'`` a bad file stops the job naming it (after the manifest has
-    recorded every good file written, so nothing done is lost); with ``'skip'`` bad files are
-    counted and listed.
+    ``spark`` is a SparkSession, or a function returning one that is called only when some
+    file needs processing. Only new or changed raw files are processed; outputs of removed raw
+    files are removed; ``raw_dir`` is only read. Each bad file is logged with its reason; the
+    manifest and ``data-audit.json`` (per class: counts, formats, modes, sizes, invalid and
+    ignored files) are written before ``handle_invalid='error'`` stops the job naming the first
+    bad file, so nothing done is lost. With ``'skip'`` bad files are counted and listed.
     """
+    start = time.perf_counter()
     listing = list_dataset(raw_dir)
-    if os.path.abspath(out_dir) == os.path.abspath(raw_dir):
-        raise DataError(f"dataset.resized_dir equals dataset.raw_dir ({raw_dir}): the raw folder is never written; choose another folder")
+    if _inside(out_dir, raw_dir):
+        raise DataError(
+            f"dataset.resized_dir ({out_dir}) is inside dataset.raw_dir ({raw_dir}): the raw folder is "
+            f"never written; choose a folder outside it"
+        )
     settings = _settings(raw_dir, size, mode, max_pixels)
     manifest = read_manifest(out_dir)
     same = manifest.get("settings") == settings
-    files = dict(manifest.get("files", {})) if same else {}
-    invalid = dict(manifest.get("invalid", {})) if same else {}
+    files: dict[str, dict] = dict(manifest.get("files", {}))
+    invalid: dict[str, dict] = dict(manifest.get("invalid", {})) if same else {}
     names = _output_names(listing)
-    current = set(names)
 
     removed = 0
-    for rel in [r for r in list(files) if r not in current]:
-        out = os.path.join(out_dir, files.pop(rel)["out"])
-        if os.path.isfile(out):
-            os.unlink(out)
-            removed += 1
-    for rel in [r for r in list(invalid) if r not in current]:
+    keep = set(names) if same else set()  # other settings: every old output is outdated
+    targets = set(names.values())
+    for rel in [r for r in files if r not in keep]:
+        out = files.pop(rel)["out"]
+        if out not in targets:  # outputs about to be rewritten stay until replaced
+            removed += _remove_output(out_dir, out)
+    for rel in [r for r in invalid if r not in names]:
         invalid.pop(rel)
 
     todo = resize_todo(listing, out_dir, size, mode, max_pixels) if same else [r for rs in listing.files.values() for r in rs]
     written: Counter = Counter()
     if todo:
         log(f"resize: {len(todo)} of {listing.count} images to write into {out_dir} ({size}x{size}, mode {mode})")
-        pdf = pd.DataFrame(
-            {"src": [os.path.join(listing.root, r) for r in todo], "dst": [os.path.join(out_dir, names[r]) for r in todo]}
-        )
-        parallelism = max(1, min(len(todo), spark.sparkContext.defaultParallelism * 4))
-        jobs = spark.createDataFrame(pdf).repartition(parallelism)
+        session = spark() if callable(spark) else spark
+        pairs = [(os.path.join(listing.root, r), os.path.join(out_dir, names[r])) for r in todo]
+        # Enough tasks to use every core, none too small: each task costs a Python worker round trip.
+        tasks = max(1, min(session.sparkContext.defaultParallelism * 4, -(-len(todo) // FILES_PER_TASK)))
+        jobs = session.createDataFrame(session.sparkContext.parallelize(pairs, tasks), "src string, dst string")
         schema = ", ".join(f"{k} {v}" for k, v in _RESULT_COLUMNS.items())
         results = jobs.mapInPandas(_resize_partition(size, mode, max_pixels), schema=schema).toPandas()
         root_len = len(os.path.join(listing.root, ""))
@@ -281,22 +406,38 @@ def resize_dataset(
                 written[rel.split(os.sep)[0]] += 1
             else:
                 invalid[rel] = {**entry, "reason": row.reason}
-                old = files.pop(rel, None)
-                if old and os.path.isfile(os.path.join(out_dir, old["out"])):
-                    os.unlink(os.path.join(out_dir, old["out"]))
+                old = files.pop(rel, {})
+                for out in {old.get("out", names[rel]), names[rel]}:
+                    removed += _remove_output(out_dir, out)
+    else:
+        log(f"resize: {out_dir} is up to date ({listing.count} images)")
     write_json_atomic(os.path.join(out_dir, MANIFEST), {"settings": settings, "files": files, "invalid": invalid})
 
     unchanged = Counter({cls: sum(1 for r in rels if r in files) - written[cls] for cls, rels in listing.files.items()})
     reasons = {rel: v["reason"] for rel, v in sorted(invalid.items())}
     entries = {**files, **invalid}
-    report = ResizeReport(written, unchanged, removed, reasons, audit(listing, entries), source_cue_warning(listing, entries))
+    report = ResizeReport(
+        written, unchanged, removed, reasons, audit(listing, entries), source_cue_warning(listing, entries),
+        listing.ignored, time.perf_counter() - start,
+    )
+    write_json_atomic(
+        os.path.join(out_dir, AUDIT_FILE),
+        {
+            "raw_dir": os.path.abspath(raw_dir),
+            "classes": report.audit,
+            "warning": report.warning,
+            "invalid": {os.path.join(raw_dir, rel): why for rel, why in reasons.items()},
+            "ignored": {os.path.join(raw_dir, rel): why for rel, why in listing.ignored.items()},
+        },
+    )
+    verb = "skipped" if handle_invalid == "skip" else "invalid"
+    for rel, why in reasons.items():
+        log(f"  {verb} image {os.path.join(listing.root, rel)}: {why}")
+    log(f"resize: {report.summary()}")
+    if report.warning:
+        log(report.warning)
     if reasons and handle_invalid == "error":
-        first, why = next(iter(reasons.items()))
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        raise DataError(
-            f"invalid image {os.path.join(listing.root, first)}: {why}{more}: fix or remove it, "
-            f"or set handleInvalid=skip to leave such files out"
-        )
+        raise invalid_error(listing.root, reasons)
     return report
 
 
@@ -308,46 +449,60 @@ def _int(value):
 
 
 def audit(listing: Listing, entries: dict[str, dict]) -> dict[str, dict]:
-    """Per class: count, formats, modes, size range (from the resize manifest's header data)."""
+    """Per class: count, formats, modes, size range (from the resize manifest), invalid and ignored files."""
     result = {}
     for cls, rels in listing.files.items():
         infos = [entries[r] for r in rels if r in entries]
-        widths = [i["width"] for i in infos if i.get("width")]
-        heights = [i["height"] for i in infos if i.get("height")]
+        good = [i for i in infos if "reason" not in i]
+        widths = [i["width"] for i in good if i.get("width")]
+        heights = [i["height"] for i in good if i.get("height")]
         result[cls] = {
             "count": len(rels),
-            "invalid": sum(1 for i in infos if "reason" in i),
-            "formats": dict(Counter(str(i.get("format")) for i in infos)),
-            "modes": dict(Counter(str(i.get("mode")) for i in infos)),
+            "invalid": len(infos) - len(good),
+            "formats": dict(Counter(str(i.get("format")) for i in good)),
+            "modes": dict(Counter(str(i.get("mode")) for i in good)),
             "min_size": [min(widths), min(heights)] if widths else None,
             "max_size": [max(widths), max(heights)] if widths else None,
+            "ignored": listing.ignored_in(cls),
         }
     return result
 
 
-def source_cue_warning(listing: Listing, entries: dict[str, dict]) -> str | None:
-    """A warning when file format and colour mode alone nearly separate the classes."""
+def source_cue_warning(listing: Listing, entries: dict[str, dict], threshold: float = 0.9) -> str | None:
+    """A warning when file format and colour mode alone single out a class.
+
+    For each class, the (format, mode) pairs in which it is the most common class are its cue;
+    the class is singled out when at least ``threshold`` of its files carry its cue and at least
+    ``threshold`` of the other files do not (as in the shared data set, where Covid-19 files are
+    JPEG or RGB(A) and the other classes grayscale PNG).
+    """
     combos: dict[tuple, Counter] = defaultdict(Counter)
     for cls, rels in listing.files.items():
         for rel in rels:
             info = entries.get(rel)
             if info and "reason" not in info:
                 combos[(info.get("format"), info.get("mode"))][cls] += 1
-    total = sum(sum(c.values()) for c in combos.values())
-    if not total:
+    sizes: Counter = Counter()
+    for counts in combos.values():
+        sizes.update(counts)
+    total = sum(sizes.values())
+    if len(sizes) < 2:
         return None
-    by_cue = sum(max(c.values()) for c in combos.values()) / total
-    per_class = Counter()
-    for c in combos.values():
-        per_class.update(c)
-    majority = max(per_class.values()) / total
-    if by_cue >= 0.95 and by_cue - majority >= 0.05:
-        return (
-            f"warning: file format and colour mode alone predict the class of {by_cue:.0%} of the raw "
-            f"images (majority class: {majority:.0%}); a model can learn the source instead of the "
-            f"disease. The resized data set (one mode, one size, PNG) removes this cue."
-        )
-    return None
+    found = []
+    for cls, n in sizes.items():
+        cue = sorted(k for k, counts in combos.items() if counts.most_common(1)[0][0] == cls)
+        inside = sum(combos[k][cls] for k in cue)
+        others_inside = sum(sum(combos[k].values()) for k in cue) - inside
+        others = total - n
+        if inside >= threshold * n - 1e-9 and others_inside <= (1 - threshold) * others + 1e-9:
+            pairs = ", ".join(f"{f}/{m}" for f, m in cue)
+            found.append(f"{cls} ({inside} of its {n} files are {pairs}; {others_inside} of {others} other files are)")
+    if not found:
+        return None
+    return (
+        f"warning: file format and colour mode alone single out {'; '.join(found)}: a model can learn the "
+        f"source instead of the disease. The resized data set (one mode, one size, PNG) removes this cue."
+    )
 
 
 def audit_for(raw_dir: str, out_dir: str, classes: list[str]) -> tuple[dict, str | None, dict[str, str]]:
@@ -355,5 +510,7 @@ def audit_for(raw_dir: str, out_dir: str, classes: list[str]) -> tuple[dict, str
     listing = list_dataset(raw_dir, classes)
     manifest = read_manifest(out_dir)
     entries = {**manifest.get("files", {}), **manifest.get("invalid", {})}
-    invalid = {rel: v["reason"] for rel, v in manifest.get("invalid", {}).items() if rel.split(os.sep)[0] in classes}
+    invalid = {
+        rel: v["reason"] for rel, v in sorted(manifest.get("invalid", {}).items()) if rel.split(os.sep)[0] in classes
+    }
     return audit(listing, entries), source_cue_warning(listing, entries), invalid
