@@ -12,7 +12,9 @@ from PIL import Image
 
 from conftest import ROOT
 from xray.config import load_config
-from xray.experiment import run_experiment
+from pyspark.sql import functions as F
+
+from xray.experiment import run_experiment, with_split
 
 
 def _overrides(tmp_path, raw, *extra):
@@ -61,12 +63,18 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     # The generated classes differ visibly; even random features separate them well above chance.
     assert saved["accuracy"] > 0.6
 
-    # The saved PipelineModel predicts raw image files the same way the evaluation did.
+    # The saved PipelineModel, applied to the test split's image files, reproduces the accuracy.
     model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
-    images = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(tmp_path / "resized"))
-    predicted = {r.path.rsplit("/", 2)[-2]: 0 for r in images.select("path").collect()}
-    rows = model.transform(images).select("path", "predicted_label").collect()
-    assert len(rows) == 18 and {r.predicted_label for r in rows} <= set(predicted)
+    images = (
+        spark.read.format("binaryFile").option("pathGlobFilter", "*.png").option("recursiveFileLookup", "true")
+        .load(str(tmp_path / "resized"))
+        .withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
+    )
+    test_rows = with_split(images, exp["seed"], exp["test_fraction"]).filter("is_test").drop("label")
+    rows = model.transform(test_rows).select("path", "predicted_label").collect()
+    assert len(rows) == 6
+    correct = sum(r.path.rsplit("/", 2)[-2] == r.predicted_label for r in rows)
+    assert correct / len(rows) == pytest.approx(saved["accuracy"])
 
     # A second run reads every feature from the cache and reproduces the metrics exactly.
     m2 = run_experiment(exp, log=logs.append)

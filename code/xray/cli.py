@@ -104,7 +104,14 @@ def format_result(m: dict, results_dir: str) -> str:
         + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
         + f"; {m['images_from_cache']} from cache"
     )
+    cv = m.get("cross_validation")
+    if cv:
+        acc = cv["accuracy"]
+        lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
+                     f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
     lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
+    if m.get("reports"):
+        lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
     return "\n".join(lines)
 
 

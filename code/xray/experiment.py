@@ -30,11 +30,11 @@ from pyspark.sql import functions as F
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
-from . import data
+from . import data, reports
 from .config import Experiment
 from .errors import DataError
 from .evaluation import classification_metrics
-from .features import featurize_cached
+from .features import featurize_cached, weights_id
 from .session import spark_session
 
 LABEL, LABEL_INDEX, PREDICTED = "label", "label_index", "predicted_label"
@@ -108,6 +108,63 @@ def predict_rows(stages: list, df: DataFrame) -> dict[str, np.ndarray]:
     }
 
 
+def _auc(m: dict) -> float | None:
+    """The binary AUC, or the macro one-vs-rest AUC for more classes."""
+    return m["roc"].get("auc") if m["roc"]["kind"] == "binary" else m["roc"].get("macro_auc")
+
+
+def _spread(values: list[float | None]) -> dict | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    arr = np.asarray(known, dtype=float)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n_folds": len(known),
+    }
+
+
+def cross_validate(train: DataFrame, settings: dict, classes: list[str], folds: int) -> dict:
+    """Stratified k-fold cross-validation on the training split (the ``fold`` column of with_split).
+
+    Fold ``f`` is validated by a head fitted on the other folds; the test split is never used.
+    Returns the per-fold metrics and their mean, standard deviation (ddof=1), min and max.
+    """
+    counts = {r[LABEL]: r["count"] for r in train.groupBy(LABEL).count().collect()}
+    short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < folds}
+    if short:
+        found = ", ".join(f"{c} has {n}" for c, n in short.items())
+        raise DataError(f"cv_folds={folds} needs at least {folds} training images per class ({found}): lower cv_folds")
+    per_fold = []
+    for f in range(folds):
+        fit_rows, held = train.filter(F.col("fold") != f), train.filter(F.col("fold") == f)
+        indexer_model, lr_model, converter = fit_head(fit_rows, settings, len(classes))
+        pred = predict_rows([indexer_model, lr_model, converter], held)
+        m = classification_metrics(pred["y_true"], pred["y_pred"], pred["probability"], classes)
+        per_fold.append({
+            "fold": f,
+            "n_train": fit_rows.count(),
+            "n_validation": m["n_test"],
+            "accuracy": m["accuracy"],
+            "balanced_accuracy": m["balanced_accuracy"],
+            "auc": _auc(m),
+            "recall": {c: v["recall"] for c, v in m["per_class"].items()},
+        })
+    return {
+        "folds": folds,
+        "stratified": True,
+        "on": "training split (test split held out)",
+        "accuracy": _spread([p["accuracy"] for p in per_fold]),
+        "balanced_accuracy": _spread([p["balanced_accuracy"] for p in per_fold]),
+        "auc": _spread([p["auc"] for p in per_fold]),
+        "recall": {c: _spread([p["recall"][c] for p in per_fold]) for c in classes},
+        "per_fold": per_fold,
+    }
+
+
 def save_model_atomic(model: PipelineModel, dest: str) -> None:
     """Save next to ``dest`` and rename into place: a reader sees the old model or the new one."""
     parent = os.path.dirname(dest)
@@ -144,12 +201,14 @@ def ensure_resized(spark: SparkSession, exp: Experiment, log=print) -> None:
 
 
 def run_resize(exp: Experiment, spark: SparkSession | None = None, log=print) -> data.ResizeReport:
+    """The dataset_resize job; Spark starts only when some file needs processing."""
     ds = exp["dataset"]
-    data.list_dataset(exp.raw_dir)  # fail before Spark starts when the folder is wrong
-    spark = spark or spark_session(exp.settings)
-    start = time.perf_counter()
-    report = data.resize_dataset(
-        spark,
+    listing = data.list_dataset(exp.raw_dir)  # fail before Spark starts when the folder is wrong
+    ignored = data.describe_ignored(listing)
+    if ignored:
+        log(ignored)
+    return data.resize_dataset(
+        spark or (lambda: spark_session(exp.settings)),
         exp.raw_dir,
         exp.resized_dir,
         size=ds["image_size"],
@@ -158,19 +217,19 @@ def run_resize(exp: Experiment, spark: SparkSession | None = None, log=print) ->
         handle_invalid=exp["handleInvalid"],
         log=log,
     )
-    log(f"resize: {report.summary()} ({time.perf_counter() - start:.1f} s)")
-    for rel, reason in report.invalid.items():
-        log(f"  skipped invalid image {os.path.join(exp.raw_dir, rel)}: {reason}")
-    if report.warning:
-        log(report.warning)
-    return report
 
 
 def run_experiment(exp: Experiment, log=print) -> dict:
     """Run one named experiment end to end; returns the metrics written to metrics.json."""
     started = time.perf_counter()
     classes = sorted(exp.classes)
-    data.list_dataset(exp.raw_dir, exp.classes)  # checks before any Spark work
+    if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
+        from .download import run_download
+
+        run_download(exp, log=log)
+    ignored = data.describe_ignored(data.list_dataset(exp.raw_dir, exp.classes))  # checks before any Spark work
+    if ignored:
+        log(ignored)
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     random_weights = exp["weights"] == backbones.RANDOM
     if random_weights:
@@ -179,6 +238,7 @@ def run_experiment(exp: Experiment, log=print) -> dict:
     spark = spark_session(exp.settings)
     ensure_resized(spark, exp, log)
     audit, cue_warning, invalid_raw = data.audit_for(exp.raw_dir, exp.resized_dir, exp.classes)
+    data.check_invalid(exp.raw_dir, invalid_raw, exp["handleInvalid"], log)  # error: stop; skip: name them
     if cue_warning:
         log(cue_warning + " (this run uses the resized data set)")
 
@@ -205,6 +265,12 @@ def run_experiment(exp: Experiment, log=print) -> dict:
         raise DataError(f"training split lacks a class: has {indexer_model.labels}, task needs {classes}")
     pred = predict_rows([indexer_model, lr_model, converter], test)
     metrics = classification_metrics(pred["y_true"], pred["y_pred"], pred["probability"], classes)
+    cv = None
+    if exp["cv_folds"] > 1:
+        log(f"cross-validation: {exp['cv_folds']} stratified folds of the training split")
+        cv = cross_validate(train, exp.settings, classes, exp["cv_folds"])
+        acc = cv["accuracy"]
+        log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
 
     model = PipelineModel([indexer_model, featurizer, lr_model, converter])
     save_model_atomic(model, os.path.join(exp.results_dir, "model"))
@@ -215,6 +281,7 @@ def run_experiment(exp: Experiment, log=print) -> dict:
         "task": exp.task,
         "classes": classes,
         "weights": exp["weights"],
+        "weights_id": weights_id(exp.model, exp.weights),
         "transfer_learning": not random_weights,
         **({"note": "weights=random: untrained backbone, not transfer learning"} if random_weights else {}),
         "accuracy": metrics.pop("accuracy"),
@@ -234,10 +301,12 @@ def run_experiment(exp: Experiment, log=print) -> dict:
         "data_audit": audit,
         "data_warning": cue_warning,
         "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True},
+        **({"cross_validation": cv} if cv is not None else {}),
         "config": exp.settings,
         "versions": versions(),
-        "wall_seconds": time.perf_counter() - started,
     }
+    result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
+    result["wall_seconds"] = time.perf_counter() - started
     data.write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
     split.unpersist()
     return result

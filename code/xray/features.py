@@ -6,6 +6,10 @@ writes them to a temporary folder and renames it to ``part-<uuid>`` when complet
 half-written part is never read. The key covers everything that changes a feature: the image
 bytes, the backbone, the weights (their checksum, or Keras' version for seeded random weights),
 the pooling and the preprocessing version.
+
+The featurization job is one Spark stage (read, hash, pick the new images, featurize, write) so
+that :class:`Progress` can report it from the stage's finished tasks: images done of total,
+images/s and time left, at most every :data:`PROGRESS_EVERY_S` seconds.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import importlib.metadata
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -26,6 +32,77 @@ from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 # Bump when decoding, resizing or preprocessing changes what a feature vector holds.
 FEATURE_VERSION = "v1"
+
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines; none for steps shorter than this
+
+
+class Progress:
+    """Progress of the Spark jobs run inside ``with Progress(...)``, logged from a driver thread.
+
+    The jobs get their own job group; a thread polls ``statusTracker()`` and scales the share of
+    finished tasks of the group's latest stage to ``total`` items: "featurizing: 320 of 1000
+    images, 12.1 images/s, about 56 s left". Nothing is logged before ``every`` seconds, so short
+    steps (and tests) stay quiet. The estimate is per task: Spark reports no finer progress.
+    """
+
+    def __init__(self, spark, total: int, log: Callable[[str], object] = print, what: str = "featurizing",
+                 every: float | None = None) -> None:
+        self.sc = spark.sparkContext
+        self.total, self.log, self.what = total, log, what
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.group = f"xray-progress-{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._previous_group: str | None = None
+
+    def __enter__(self) -> "Progress":
+        self._previous_group = self.sc.getLocalProperty("spark.jobGroup.id")
+        self.sc.setJobGroup(self.group, f"{self.what} {self.total} images")
+        self.started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="xray-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.sc.setLocalProperty("spark.jobGroup.id", self._previous_group)
+        self.sc.setLocalProperty("spark.job.description", None)
+
+    def fraction(self) -> float:
+        """Share of finished tasks in the latest stage of the group's latest job (0 when none)."""
+        tracker = self.sc.statusTracker()
+        jobs = sorted(tracker.getJobIdsForGroup(self.group))
+        for job_id in reversed(jobs):
+            info = tracker.getJobInfo(job_id)
+            stage = tracker.getStageInfo(max(info.stageIds)) if info and info.stageIds else None
+            if stage is not None and stage.numTasks:
+                return min(1.0, stage.numCompletedTasks / stage.numTasks)
+        return 0.0
+
+    def line(self, done: int, elapsed: float) -> str:
+        """One progress line for ``done`` of ``total`` items after ``elapsed`` seconds."""
+        text = f"{self.what}: {done} of {self.total} images"
+        if done and elapsed > 0:
+            rate = done / elapsed
+            text += f", {rate:.1f} images/s, about {(self.total - done) / rate:.0f} s left"
+        else:
+            text += f", starting ({elapsed:.0f} s)"
+        return text
+
+    def _run(self) -> None:
+        next_report = self.every
+        while not self._stop.wait(min(1.0, self.every)):
+            elapsed = time.perf_counter() - self.started
+            if elapsed < next_report:
+                continue
+            next_report = elapsed + self.every
+            try:
+                done = int(self.fraction() * self.total)
+            except Exception:  # noqa: BLE001 - the session may be stopping; progress is optional
+                return
+            self.log(self.line(done, elapsed))
 
 
 @dataclass
@@ -76,30 +153,39 @@ def featurize_cached(
     With ``cache_dir`` None the features are computed and kept in Spark's cache for this run only.
     """
     keyed = images.withColumn("sha256", F.sha2(F.col("content"), 256))
-    total = keyed.count()
     if cache_dir is None:
+        total = keyed.count()
         start = time.perf_counter()
         feats = featurizer.transform(keyed).select("path", "label", "sha256", "features").persist()
-        n = feats.count()
+        with Progress(spark, total, log):
+            n = feats.count()
         seconds = time.perf_counter() - start
         stats = FeaturizeStats(total, n, 0, seconds, n / seconds if seconds > 0 else None, "this run")
         return feats.drop("sha256"), stats
 
     folder = cache_folder(cache_dir, featurizer)
     parts = _parts(folder)
-    cached = spark.read.parquet(*parts) if parts else None
-    missing = keyed.join(cached.select("sha256"), "sha256", "left_anti") if cached is not None else keyed
-    missing = missing.dropDuplicates(["sha256"])
-    n_missing = missing.count()  # distinct contents: duplicate images are featurized once
-    n_cached = keyed.join(cached.select("sha256"), "sha256", "left_semi").count() if cached is not None else 0
+    keys = keyed.select("path", "sha256").collect()  # small: a path and a hash per image
+    total = len(keys)
+    cached = {r.sha256 for r in spark.read.parquet(*parts).select("sha256").distinct().collect()} if parts else set()
+    n_cached = sum(1 for r in keys if r.sha256 in cached)
+    todo: dict[str, str] = {}  # distinct new content -> the one file featurized for it
+    for r in sorted(keys, key=lambda r: r.path):
+        if r.sha256 not in cached:
+            todo.setdefault(r.sha256, r.path)
+    n_missing = len(todo)  # distinct contents: duplicate images are featurized once
     seconds, n_done = 0.0, 0
     if n_missing:
         log(f"featurizing {n_missing} images with {featurizer.getModelName()} ({n_cached} of {total} already cached)")
+        # A broadcast join keeps the job one stage (no shuffle): progress is that stage's tasks.
+        chosen = spark.createDataFrame([(p,) for p in todo.values()], "path string")
+        missing = keyed.join(F.broadcast(chosen), "path")
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
         start = time.perf_counter()
         try:
-            featurizer.transform(missing).select("sha256", "features").write.parquet(tmp)
+            with Progress(spark, n_missing, log):
+                featurizer.transform(missing).select("sha256", "features").write.parquet(tmp)
             seconds = time.perf_counter() - start
             n_done = spark.read.parquet(tmp).count()
             with open(os.path.join(tmp, "_stats.json"), "w", encoding="utf-8") as f:

@@ -1,0 +1,203 @@
+"""Sweep, cross-validation, reproducibility and prediction, end to end on tiny generated images.
+
+One sweep (two ResNet50 experiments with random weights and a broken one) is run per module and
+shared by the tests; the feature cache makes every later run cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from pyspark.ml import PipelineModel
+
+from conftest import ROOT, make_dataset, png_bytes, xray_like
+from xray import features
+from xray.cli import main
+from xray.config import load_config
+from xray.errors import ConfigError, DataError
+from xray.experiment import run_experiment
+from xray.predict import normalize_image, run_predict
+from xray.sweep import run_sweep
+
+BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
+# Timing and cache bookkeeping differ between runs; everything else must not.
+VOLATILE = {"wall_seconds", "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
+            "images_per_second_source"}
+
+
+def _overrides(root, raw):
+    return [
+        "weights=random",
+        f"dataset.raw_dir={raw}",
+        f"dataset.resized_dir={root / 'resized'}",
+        "dataset.image_size=64",
+        f"results_dir={root / 'results'}",
+        f"cache_dir={root / 'cache'}",
+        "test_fraction=0.34",
+        "batch_size=8",
+        "cv_folds=2",
+        "classifier.maxIter=5",  # tiny separable data: LR would run all 200 iterations, one Spark job each
+    ]
+
+
+def _config():
+    config = load_config(os.path.join(ROOT, "config.yaml"))
+    config.tasks["broken"] = ["Covid-19", "Missing"]
+    config.entries[BROKEN] = {"model": "ResNet50", "task": "broken"}
+    return config
+
+
+@pytest.fixture(scope="module")
+def swept(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    raw = make_dataset(root / "raw")
+    config, overrides = _config(), _overrides(root, raw)
+    logs: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(features, "PROGRESS_EVERY_S", 0.5)
+        code = run_sweep(config, "ResNet50_*", overrides, log=logs.append)
+    return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs}
+
+
+def _metrics(swept, name):
+    return json.loads((swept["root"] / "results" / name / "metrics.json").read_text())
+
+
+def test_sweep_writes_summary_and_survives_a_failure(swept):
+    root, logs = swept["root"], swept["logs"]
+    assert swept["code"] == 1  # one experiment failed
+    rows = list(csv.DictReader(open(root / "results" / "summary.csv", encoding="utf-8")))
+    assert [(r["experiment"], r["status"]) for r in rows] == [(BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed")]
+    for r in rows[:2]:
+        m = _metrics(swept, r["experiment"])
+        assert float(r["accuracy"]) == pytest.approx(m["accuracy"])
+        assert float(r["ci95_low"]) == pytest.approx(m["accuracy_ci95"][0])
+        assert float(r["recall_Covid-19"]) == pytest.approx(m["per_class"]["Covid-19"]["recall"])
+        assert float(r["images_per_second"]) > 0
+        assert sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith(".")) == [
+            "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model", "roc.png"]
+    assert rows[0]["recall_Pneumonia"] == "" and rows[1]["recall_Pneumonia"] != ""
+    assert "lacks class folder(s) Missing" in rows[2]["error"]
+
+    md = (root / "results" / "summary.md").read_text()
+    assert f"| {BINARY} | ResNet50 | binary |" in md and f"| {BROKEN} | ResNet50 | broken | FAILED |" in md
+    assert re.search(rf"## Failed\n\n- {BROKEN}: data folder .* lacks class folder\(s\) Missing", md)
+    assert (root / "results" / "summary.png").stat().st_size > 10_000
+    assert [f for f in os.listdir(root / "results") if f.startswith(".tmp")] == []
+    assert any(line.startswith(f"FAILED {BROKEN}: ") for line in logs)
+    # progress of the featurization job: images done of total, images/s, time left
+    assert any(re.fullmatch(r"featurizing: \d+ of 12 images, (starting \(\d+ s\)|[\d.]+ images/s, about \d+ s left)", line)
+               for line in logs), logs
+
+
+def test_cross_validation_on_training_folds(swept):
+    m = _metrics(swept, MULTI)
+    cv = m["cross_validation"]
+    assert cv["folds"] == 2 and len(cv["per_fold"]) == 2
+    assert sum(f["n_validation"] for f in cv["per_fold"]) == m["n_train"]  # folds partition the training split
+    assert all(f["n_train"] + f["n_validation"] == m["n_train"] for f in cv["per_fold"])
+    accs = [f["accuracy"] for f in cv["per_fold"]]
+    assert cv["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert cv["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert set(cv["recall"]) == {"Covid-19", "No_findings", "Pneumonia"}
+
+
+def test_rerun_reproduces_metrics_exactly(swept):
+    exp = swept["config"].experiment(BINARY, swept["overrides"])
+    first = _metrics(swept, BINARY)
+    again = json.loads(json.dumps(run_experiment(exp, log=lambda *_: None), default=str))
+    assert again["images_from_cache"] == again["n_images"]  # features came from the cache
+    assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in first.items() if k not in VOLATILE}
+
+
+def test_sweep_rejects_unknown_pattern_and_bad_set(swept):
+    with pytest.raises(ConfigError, match="no experiment matches 'Nope\\*'"):
+        run_sweep(swept["config"], "Nope*", swept["overrides"], log=lambda *_: None)
+    with pytest.raises(ConfigError, match="unknown key 'wieghts'"):
+        run_sweep(swept["config"], "ResNet50_*", ["wieghts=random"], log=lambda *_: None)
+
+
+def test_predict_folder_matches_training_preprocessing(spark, swept, tmp_path, capsys):
+    new = tmp_path / "new"
+    shutil.copytree(swept["raw"], new)
+    (new / "Covid-19" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (new / "Covid-19" / ".hidden.png").write_bytes(png_bytes(xray_like(0, 1)))
+    (new / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds.csv"
+    code = run_predict(swept["config"], MULTI, str(new), str(out), swept["overrides"], log=print)
+    printed = capsys.readouterr().out
+    assert code == 1  # the broken file could not be classified
+
+    lines = [line for line in printed.splitlines() if line.startswith(str(new))]
+    assert len(lines) == 19 and not any("hidden" in line or "notes" in line for line in lines)
+    assert re.search(r"broken\.png\tERROR\t\S", printed)
+    ok = [line.split("\t") for line in lines if "\tERROR\t" not in line]
+    assert all(len(p) == 5 and p[1] in ("Covid-19", "No_findings", "Pneumonia") for p in ok)
+    assert "accuracy against the class folder names" in printed and "the run reported test accuracy" in printed
+
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert len(rows) == 19
+    assert [r for r in rows if r["error"]][0]["path"].endswith("broken.png")
+    good = [r for r in rows if not r["error"]]
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in ("Covid-19", "No_findings", "Pneumonia")) - 1) < 1e-5 for r in good)
+    assert all(r["folder_class"] == os.path.basename(os.path.dirname(r["path"])) for r in good)
+
+    # The raw files, normalised by predict, get the probabilities the model gives the resized training files.
+    model = PipelineModel.load(str(swept["root"] / "results" / MULTI / "model"))
+    resized = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(
+        str(swept["root"] / "resized"))
+    expected = {
+        tuple(r.path.rsplit("/", 2)[-2:]): r.probability.toArray()
+        for r in model.transform(resized).select("path", "probability").collect()
+    }
+    for r in good:
+        cls, name = r["path"].rsplit("/", 2)[-2:]
+        key = (cls, os.path.splitext(name)[0] + ".png")
+        assert np.allclose([float(r[f"p_{c}"]) for c in ("Covid-19", "No_findings", "Pneumonia")], expected[key], atol=1e-5)
+
+
+def test_normalize_image_equals_resize_job_output(swept):
+    raw, resized = swept["raw"], swept["root"] / "resized"
+    for cls, name in (("Covid-19", "img1.jpg"), ("Pneumonia", "img0.png")):
+        with open(os.path.join(raw, cls, name), "rb") as f:
+            ours = normalize_image(f.read(), size=64, mode="L", max_pixels=10**6)
+        with Image.open(io.BytesIO(ours)) as a, Image.open(resized / cls / (os.path.splitext(name)[0] + ".png")) as b:
+            assert (a.mode, a.size) == (b.mode, b.size) == ("L", (64, 64))
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_predict_one_file_with_a_model_folder(swept, capsys):
+    model_dir = swept["root"] / "results" / BINARY / "model"
+    image = os.path.join(swept["raw"], "No_findings", "img3.png")
+    assert run_predict(swept["config"], str(model_dir), image, None, swept["overrides"], log=print) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(image)]
+    assert len(lines) == 1 and re.fullmatch(rf"{re.escape(image)}\t\S+\tCovid-19=[\d.]+\tNo_findings=[\d.]+", lines[0])
+    rows = list(csv.DictReader(open(model_dir.parent / "predictions.csv", encoding="utf-8")))
+    assert [r["path"] for r in rows] == [image] and rows[0]["folder_class"] == "No_findings"
+
+
+def test_predict_errors_are_one_line(swept, tmp_path, capsys):
+    config, overrides = swept["config"], swept["overrides"]
+    with pytest.raises(ConfigError, match="neither an experiment"):
+        run_predict(config, "NoSuchThing", str(tmp_path), None, overrides)
+    with pytest.raises(DataError, match="no saved model for VGG16_binary_classification .* run ./wrapper.sh run VGG16"):
+        run_predict(config, "VGG16_binary_classification", str(tmp_path), None, overrides)
+    with pytest.raises(DataError, match="not a saved model folder"):
+        run_predict(config, str(tmp_path), str(tmp_path), None, overrides)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="no image files"):
+        run_predict(config, BINARY, str(tmp_path / "empty"), None, overrides)
+
+    results = f"results_dir={swept['root'] / 'results'}"
+    code = main(["--config", os.path.join(ROOT, "config.yaml"), "predict", BINARY, str(tmp_path / "missing"), "--set", results])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "missing" in err
