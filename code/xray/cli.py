@@ -137,6 +137,7 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once, also in logs
     try:
         args = _quiet_parser().parse_args(argv)
         return COMMANDS[args.command](args)

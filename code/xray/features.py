@@ -71,15 +71,20 @@ class Progress:
         self.sc.setLocalProperty("spark.job.description", None)
 
     def fraction(self) -> float:
-        """Share of finished tasks in the latest stage of the group's latest job (0 when none)."""
+        """Share of finished tasks of the group's widest stage (0 when none).
+
+        The widest stage is the featurization; small side jobs of the group (a broadcast, a
+        count) finish early and must not read as "all done".
+        """
         tracker = self.sc.statusTracker()
-        jobs = sorted(tracker.getJobIdsForGroup(self.group))
-        for job_id in reversed(jobs):
+        best = None
+        for job_id in tracker.getJobIdsForGroup(self.group):
             info = tracker.getJobInfo(job_id)
-            stage = tracker.getStageInfo(max(info.stageIds)) if info and info.stageIds else None
-            if stage is not None and stage.numTasks:
-                return min(1.0, stage.numCompletedTasks / stage.numTasks)
-        return 0.0
+            for stage_id in (info.stageIds if info else ()):
+                stage = tracker.getStageInfo(stage_id)
+                if stage is not None and stage.numTasks and (best is None or stage.numTasks > best.numTasks):
+                    best = stage
+        return min(1.0, best.numCompletedTasks / best.numTasks) if best is not None else 0.0
 
     def line(self, done: int, elapsed: float) -> str:
         """One progress line for ``done`` of ``total`` items after ``elapsed`` seconds."""

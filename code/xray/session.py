@@ -19,6 +19,11 @@ def is_local(master: str) -> bool:
     return master.startswith("local")
 
 
+def on_this_machine(master: str) -> bool:
+    """Local mode, or a cluster on 127.0.0.1 (``cluster start``): executors share this file system."""
+    return is_local(master) or "127.0.0.1" in master or "localhost" in master
+
+
 def code_zip(dest_dir: str) -> str:
     """The project's packages as one zip for ``--py-files`` / ``addPyFile``."""
     path = os.path.join(dest_dir, "xray_featurizer_code.zip")
@@ -35,21 +40,38 @@ def code_zip(dest_dir: str) -> str:
 
 
 def spark_session(settings: dict) -> SparkSession:
-    """Build (or reuse) the session from the ``spark`` section of an experiment's settings."""
+    """Build (or reuse) the session from the ``spark`` section of an experiment's settings.
+
+    Executors run the Python named by ``spark.conf.spark.pyspark.python`` when set; otherwise, on
+    this machine, this very interpreter. Off local mode the project's code reaches them only as
+    the zip shipped with ``addPyFile`` (never through a PYTHONPATH of this machine).
+    """
     spark_cfg = settings["spark"]
     master = spark_cfg["master"]
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    conf = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in spark_cfg.get("conf", {}).items()}
+    # PySpark sends executors the driver's PYSPARK_PYTHON; spark.pyspark.python alone only works
+    # through spark-submit, so honour it here too.
+    if "spark.pyspark.python" in conf:
+        os.environ["PYSPARK_PYTHON"] = conf["spark.pyspark.python"]
+    elif on_this_machine(master):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+        conf["spark.pyspark.python"] = sys.executable
+    else:
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.master(master)
         .appName(spark_cfg["app_name"])
         .config("spark.driver.memory", spark_cfg["driver_memory"])
-        # Python workers import the project from the same folder as the driver (local mode).
-        .config("spark.executorEnv.PYTHONPATH", os.pathsep.join([_CODE_DIR, os.environ.get("PYTHONPATH", "")]))
     )
-    if is_local(master) or "127.0.0.1" in master or "localhost" in master:
+    if is_local(master):
+        # Python workers import the project from the same folder as the driver.
+        builder = builder.config(
+            "spark.executorEnv.PYTHONPATH", os.pathsep.join([_CODE_DIR, os.environ.get("PYTHONPATH", "")])
+        )
+    if on_this_machine(master):
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-    for key, value in spark_cfg.get("conf", {}).items():
-        builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+    for key, value in conf.items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     if not is_local(master) and not getattr(spark.sparkContext, "_xray_code_shipped", False):
