@@ -243,7 +243,8 @@ def test_experiment_without_raw_data_downloads_first_and_fails_in_one_line(serve
     assert done.returncode == 2
     assert server.requests[-1] == "/gone.zip"  # the experiment asked for the archive
     assert done.stderr.strip().splitlines() == [
-        f"error: cannot download the data set from {server.url('/gone.zip')}: HTTP 404 Not Found: check dataset.download_url, "
+        f"error: data folder {raw} not found, and fetching it failed: "
+        f"cannot download the data set from {server.url('/gone.zip')}: HTTP 404 Not Found: check dataset.download_url, "
         "or point dataset.raw_dir at a copy of the data set (--set dataset.raw_dir=PATH, one folder per class)"
     ]
     assert "Traceback" not in done.stdout + done.stderr

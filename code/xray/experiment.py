@@ -32,7 +32,7 @@ from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from . import data, reports
 from .config import Experiment
-from .errors import DataError
+from .errors import DataError, UserError
 from .evaluation import classification_metrics
 from .features import featurize_cached, weights_id
 from .session import spark_session
@@ -226,7 +226,11 @@ def run_experiment(exp: Experiment, log=print) -> dict:
     if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
         from .download import run_download
 
-        run_download(exp, log=log)
+        log(f"data folder {exp.raw_dir} not found: fetching the public data set into it")
+        try:
+            run_download(exp, log=log)
+        except UserError as exc:
+            raise DataError(f"data folder {exp.raw_dir} not found, and fetching it failed: {exc}") from None
     ignored = data.describe_ignored(data.list_dataset(exp.raw_dir, exp.classes))  # checks before any Spark work
     if ignored:
         log(ignored)
