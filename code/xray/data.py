@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from imagefeaturizer.images import (
     resize_pil,
 )
 
+from .atomic import atomic_file
 from .errors import DataError
 
 MANIFEST = ".resize-manifest.json"
@@ -210,18 +210,9 @@ def read_manifest(out_dir: str) -> dict:
 
 def write_json_atomic(path: str, data) -> None:
     """Write JSON next to its destination, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
 
 
 def _settings(raw_dir: str, size: int, mode: str, max_pixels: int) -> dict:
@@ -274,16 +265,8 @@ def _resize_partition(size: int, mode: str, max_pixels: int):
                     info = image_info(data, origin=src)
                     row.update(format=info["format"], mode=info["mode"], width=info["width"], height=info["height"])
                     image = resize_pil(decode_to_pil(data, max_pixels=max_pixels, origin=src, mode=mode), (size, size))
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-", suffix=".png")
-                    try:
-                        with os.fdopen(fd, "wb") as f:
-                            image.save(f, format="PNG")
-                        os.replace(tmp, dst)
-                    except BaseException:
-                        if os.path.exists(tmp):
-                            os.unlink(tmp)
-                        raise
+                    with atomic_file(dst) as f:
+                        image.save(f, format="PNG")
                 except InvalidImageError as exc:
                     row["reason"] = exc.reason
                 rows.append(row)

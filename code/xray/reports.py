@@ -9,11 +9,11 @@ no global state); matplotlib is imported only when a chart is drawn.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .atomic import atomic_file, write_text_atomic  # noqa: F401 - write_text_atomic used by sweep/predict
 from .data import write_json_atomic
 from .evaluation import roc_curve
 
@@ -25,21 +25,6 @@ SUMMARY_CHART = "summary.png"
 _TASK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write text next to its destination, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _figure(width: float, height: float) -> "Figure":
     from matplotlib.figure import Figure
 
@@ -48,17 +33,8 @@ def _figure(width: float, height: float) -> "Figure":
 
 def save_figure_atomic(fig: "Figure", path: str) -> None:
     """Save a figure as PNG next to ``path``, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
 
 
 def _subtitle(m: dict) -> str:
