@@ -14,9 +14,10 @@ How an image becomes a feature vector, in order (this file and ``images.py``):
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
-from typing import Iterator, Tuple
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
 import pandas as pd
@@ -57,27 +58,83 @@ def from_spark_image(record: dict, *, origin: str, max_pixels: int):
     return images.to_mode(image, "RGB", origin)
 
 
+GPU_MIN_BATCH = 128
+"""On a GPU, images per backbone call are at least this many (still capped by the Arrow batch)."""
+
+
 class FeatureExtractor:
-    """A frozen backbone with its preprocessing: uint8 RGB images in, feature rows out."""
+    """A frozen backbone with its preprocessing: uint8 RGB images in, feature rows out.
+
+    Runs on the first GPU TensorFlow sees, else on the CPU (``device`` says which). The backbone
+    is traced once for any batch size, so the partial last batch of a partition costs no retrace.
+    """
 
     def __init__(self, model_name: str, weights_path: str | None, pooling: str = "avg"):
         self.backbone = backbones.get_backbone(model_name)
+        self.device = _configure_gpus()  # before the model is built: memory growth must come first
         self.model = backbones.build_model(self.backbone, weights_path, pooling)
         self.size = (self.backbone.input_size, self.backbone.input_size)
+        self._run = _predict_function(self.model, self.backbone.input_size)
 
     def prepare(self, image) -> np.ndarray:
         """An RGB Pillow image resized to the input size, as a uint8 HxWx3 array."""
         return np.asarray(resize_pil(image, self.size), dtype=np.uint8)
 
+    def batch_size(self, requested: int) -> int:
+        """Images per backbone call: ``requested`` on a CPU, at least ``GPU_MIN_BATCH`` on a GPU."""
+        return max(requested, GPU_MIN_BATCH) if self.device != "CPU" else requested
+
     def predict(self, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
         """Features (n, feature_size) float32 for resized uint8 RGB arrays."""
+        step = self.batch_size(batch_size)
         out = np.empty((len(arrays), self.backbone.feature_size), dtype=np.float32)
-        for start in range(0, len(arrays), batch_size):
+        for start in range(0, len(arrays), step):
             # A fresh float32 batch: preprocess_input writes over its input.
-            batch = np.stack(arrays[start : start + batch_size]).astype(np.float32)
+            batch = np.stack(arrays[start : start + step]).astype(np.float32)
             batch = self.backbone.preprocess_input(batch)
-            out[start : start + len(batch)] = np.asarray(self.model.predict_on_batch(batch))
+            out[start : start + len(batch)] = self._run(batch)
         return out
+
+
+def _predict_function(model, input_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``model`` in inference mode, as one graph traced for every batch size (TensorFlow backend).
+
+    ``predict_on_batch`` traces the model again for the first batch of a new size (about a second
+    on a CPU, in every Python worker, for the short last batch of a partition); a batch dimension
+    of ``None`` avoids that. Other Keras backends keep ``predict_on_batch``. The returned function
+    has a ``graph`` attribute: the ``tf.function``, or None.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        def run(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(model.predict_on_batch(batch))
+
+        run.graph = None  # type: ignore[attr-defined]
+        return run
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, input_size, input_size, 3), tf.float32)
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return graph(batch).numpy()
+
+    run.graph = graph  # type: ignore[attr-defined]
+    return run
+
+
+def _configure_gpus() -> str:
+    """``"CPU"``, or ``"GPU"`` with memory growth on, so the Python workers of one machine share it."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # this process already uses the GPU: its setting stays
+    return "GPU" if gpus else "CPU"
 
 
 # One extractor per (backbone, weights, pooling) per Python process, never in a UDF closure.
@@ -87,16 +144,22 @@ _threads_configured = False
 
 
 def _configure_threads() -> None:
-    """Give TensorFlow the cores Spark gives this task, so concurrent tasks don't oversubscribe."""
+    """Give TensorFlow the cores Spark gives this task, so concurrent tasks don't oversubscribe.
+
+    In local mode on N cores Spark runs N tasks at once, each in its own Python worker: one
+    TensorFlow thread per task (``spark.task.cpus``) keeps the machine at N busy threads. Must run
+    before TensorFlow's first operation in the process; outside a Spark task TensorFlow's own
+    defaults (every core) stay.
+    """
     global _threads_configured
     if _threads_configured:
         return
-    _threads_configured = True
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
     if ctx is None:
         return  # not in a Spark task: keep TensorFlow's defaults
+    _threads_configured = True
     cpus = max(1, int(ctx.cpus()))
     import tensorflow as tf
 
@@ -107,27 +170,58 @@ def _configure_threads() -> None:
         pass  # TensorFlow already initialised in this process: its settings stay
 
 
+SHIP_WEIGHTS_CONF = "spark.imagefeaturizer.shipWeights"
+"""Spark setting: ``false`` when a weights path is on storage every node reads (nothing shipped)."""
+
+
 def _local_weights(weights_path: str | None, weights_sha256: str | None) -> str | None:
-    """The weights file on this machine: the driver's path, else the copy Spark shipped."""
+    """The weights file as this process sees it, checked against the driver's sha256.
+
+    The driver's path when it is readable here (same machine, or storage every node mounts at
+    the same path), else the copy the driver shipped through SparkFiles. A missing file or one
+    whose sha256 differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
+    """
     if weights_path is None:
         return None
+    import socket
+
+    host = socket.gethostname()
     path = weights_path
     if not os.path.isfile(path):
         from pyspark import SparkFiles
 
-        path = SparkFiles.get(os.path.basename(weights_path))
-    if weights_sha256 and backbones.file_sha256(path) != weights_sha256:
-        raise backbones.WeightsError(
-            f"weights file {path} does not match the driver's copy (sha256 differs): "
-            f"make every node read the same file"
-        )
+        try:
+            path = SparkFiles.get(os.path.basename(weights_path))
+        except Exception:  # noqa: BLE001 - no SparkFiles root: not in a Spark process
+            path = ""
+        if not os.path.isfile(path):
+            raise backbones.WeightsError(
+                f"weights file {weights_path} is not readable on {host} and no copy was shipped: put it "
+                f"on storage every node reads at the same path, or let the driver ship it "
+                f"({SHIP_WEIGHTS_CONF} unset or true)"
+            )
+    if weights_sha256:
+        actual = backbones.file_sha256(path)
+        if actual != weights_sha256:
+            raise backbones.WeightsError(
+                f"weights file {path} on {host} does not match the driver's copy (sha256 {actual[:16]}..., "
+                f"driver {weights_sha256[:16]}...): make every node read the same file, or let the driver "
+                f"ship it"
+            )
     return path
 
 
 def get_extractor(
     model_name: str, weights_path: str | None, pooling: str, weights_sha256: str | None = None
 ) -> FeatureExtractor:
-    """The cached extractor for this worker process, built on first use."""
+    """The cached extractor for this worker process, built on first use.
+
+    In a Spark Python worker the objects that exist once the model is built (TensorFlow, Keras,
+    the model: millions of them) are moved out of the garbage collector's sight
+    (``gc.freeze``): Spark's worker daemon runs a full ``gc.collect()`` after every task of a
+    reused worker, which otherwise walks all of them each time (about 0.3 s of CPU per task for
+    ResNet50). They live as long as the worker anyway: the extractor is cached for its life.
+    """
     key = (model_name, weights_path, pooling, weights_sha256)
     with _LOCK:
         extractor = _EXTRACTORS.get(key)
@@ -135,7 +229,17 @@ def get_extractor(
             _configure_threads()
             local = _local_weights(weights_path, weights_sha256)
             extractor = _EXTRACTORS[key] = FeatureExtractor(model_name, local, pooling)
+            _freeze_in_spark_worker()
         return extractor
+
+
+def _freeze_in_spark_worker() -> None:
+    """``gc.freeze()`` what exists now, after collecting what is garbage, inside a Spark task only."""
+    from pyspark import TaskContext
+
+    if TaskContext.get() is not None:
+        gc.collect()
+        gc.freeze()
 
 
 def featurize_series(
@@ -346,7 +450,13 @@ class KerasImageFeaturizer(
         return backbones.get_backbone(self.getModelName())
 
     def _resolved_weights(self, spark) -> tuple[str | None, str | None]:
-        """(path, sha256) of the weights on the driver; the file is shipped to executors."""
+        """(path, sha256) of the weights on the driver, computed once per SparkContext.
+
+        Off local mode the file is also shipped to every executor (``SparkContext.addFile``; each
+        executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights``
+        is ``false`` because the path is on storage every node reads. Executors check the sha256
+        (:func:`_local_weights`).
+        """
         path = backbones.resolve_weights(self.backbone, self.getWeights())
         if path is None:
             return None, None
@@ -356,7 +466,8 @@ class KerasImageFeaturizer(
             shipped = sc._featurizer_shipped = {}
         if path not in shipped:
             shipped[path] = backbones.file_sha256(path)
-            if not sc.master.startswith("local"):
+            ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
+            if ship and not sc.master.startswith("local"):
                 sc.addFile(path)
         return path, shipped[path]
 

@@ -1,0 +1,80 @@
+"""The featurize benchmark end to end on a few tiny images, and the extractor's speed-related paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT, xray_like
+from imagefeaturizer.featurizer import GPU_MIN_BATCH, FeatureExtractor
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "featurize.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # Its own process: the benchmark stops and starts SparkContexts, which the shared fixture must not see.
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_benchmark_measures_keras_and_spark_on_the_same_images(tmp_path):
+    data = tmp_path / "imgs"
+    (data / "b").mkdir(parents=True)
+    (data / "a").mkdir()
+    for i in range(5):
+        xray_like(i % 3, seed=i, size=(60, 50)).save(data / ("a" if i % 2 else "b") / f"im{i}.png")
+    (data / "a" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out" / "bench.json"
+
+    proc = _run("--data", str(data), "--models", "ResNet50", "--images", "4", "--batch-size", "3",
+                "--master", "local[1]", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["images"] == 4
+    (row,) = report["results"]
+    keras, spark = row["keras"], row["spark"]
+    assert row["model"] == "ResNet50" and keras["images"] == spark["images"] == 4
+    assert keras["device"] == "CPU" and keras["model_build_s"] > 0 and keras["tensorflow_import_s"] > 0
+    assert spark["master"] == "local[1]" and spark["partitions"] >= 1
+    assert keras["images_per_s"] > 0 and spark["images_per_s"] > 0
+    assert np.isclose(row["ratio"], spark["images_per_s"] / keras["images_per_s"])
+    assert row["decode_resize"]["input_size"] == 224 and row["decode_resize"]["images_per_s"] > 0
+    if sys.platform.startswith("linux"):  # memory comes from /proc
+        assert spark["python_processes"] >= 1  # the Python workers were found under the JVM
+        # A worker holds TensorFlow and the model: far more than the driver's Python process.
+        assert spark["worker_peak_rss_mib"] > row["driver_python_peak_rss_mib"] > 0
+        assert spark["driver_jvm_peak_rss_mib"] > 0 and keras["peak_rss_mib"] > 0
+    assert "ResNet50" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_benchmark_user_errors_are_one_line(tmp_path):
+    missing = _run("--data", str(tmp_path / "nowhere"), "--models", "ResNet50")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: ") and len(missing.stderr.strip().splitlines()) == 1
+    assert "nowhere" in missing.stderr
+
+    (tmp_path / "x.png").write_bytes(b"")
+    unknown = _run("--data", str(tmp_path), "--models", "AlexNet")
+    assert unknown.returncode == 2 and "AlexNet" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_extractor_traces_once_for_every_batch_size():
+    extractor = FeatureExtractor("ResNet50", None, "avg")
+    arrays = [extractor.prepare(xray_like(i % 3, seed=i, size=(40, 30), mode="RGB")) for i in range(5)]
+    split = extractor.predict(arrays, batch_size=2)  # batches of 2, 2 and 1
+    whole = extractor.predict(arrays, batch_size=5)
+    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-4)
+    assert extractor.device == "CPU"  # the test machines have no GPU
+    if extractor._run.graph is not None:  # TensorFlow backend
+        assert extractor._run.graph.experimental_get_tracing_count() == 1
+
+
+def test_gpu_batches_are_at_least_the_gpu_minimum():
+    extractor = FeatureExtractor.__new__(FeatureExtractor)  # no model needed for the batch rule
+    extractor.device = "CPU"
+    assert extractor.batch_size(8) == 8
+    extractor.device = "GPU"
+    assert extractor.batch_size(8) == GPU_MIN_BATCH and extractor.batch_size(512) == 512
