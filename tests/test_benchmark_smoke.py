@@ -44,8 +44,9 @@ def test_benchmark_measures_keras_and_spark_on_the_same_images(tmp_path):
     assert row["decode_resize"]["input_size"] == 224 and row["decode_resize"]["images_per_s"] > 0
     if sys.platform.startswith("linux"):  # memory comes from /proc
         assert spark["python_processes"] >= 1  # the Python workers were found under the JVM
-        # A worker holds TensorFlow and the model: far more than the driver's Python process.
-        assert spark["worker_peak_rss_mib"] > row["driver_python_peak_rss_mib"] > 0
+        # A worker holds TensorFlow and ResNet50: several hundred MiB at least. (The driver's own
+        # peak depends on what this process did before, so the two are not compared.)
+        assert spark["worker_peak_rss_mib"] > 300 and row["driver_python_peak_rss_mib"] > 0
         assert spark["driver_jvm_peak_rss_mib"] > 0 and keras["peak_rss_mib"] > 0
     assert "ResNet50" in proc.stdout and "ratio" in proc.stdout
 
