@@ -51,6 +51,21 @@ def test_extractor_is_built_once_per_process():
     assert get_extractor(MODEL, None, "avg") is get_extractor(MODEL, None, "avg")
 
 
+def test_extractor_cache_keeps_the_most_recent_and_rebuilds_the_same_network():
+    from imagefeaturizer import featurizer as fz
+
+    image = xray_like(1, seed=3, size=(50, 40), mode="RGB")
+    first = get_extractor(MODEL, None, "avg")
+    before = first.predict([first.prepare(image)], 1)
+    others = [get_extractor(MODEL, None, "max"), get_extractor("VGG16", None, "avg")]  # MAX_EXTRACTORS = 2
+    assert fz.MAX_EXTRACTORS == 2 and len(fz._EXTRACTORS) == 2
+    assert others[1] is get_extractor("VGG16", None, "avg")  # still cached
+    again = get_extractor(MODEL, None, "avg")  # evicted, built anew: the same seeded network
+    assert again is not first and len(fz._EXTRACTORS) == 2
+    np.testing.assert_allclose(again.predict([again.prepare(image)], 1), before, rtol=1e-5, atol=1e-5)
+    assert (MODEL, None, "max", None) not in fz._EXTRACTORS  # the least recently used went first
+
+
 def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -30,7 +30,7 @@ from xray.sweep import run_sweep
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
 # Timing and cache bookkeeping differ between runs; everything else must not.
 VOLATILE = {"wall_seconds", "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
-            "images_per_second_source"}
+            "images_per_second_source", "images_featurized_for_other_tasks"}
 
 
 def _overrides(root, raw):
@@ -93,8 +93,15 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
     assert (root / "results" / "summary.png").stat().st_size > 10_000
     assert [f for f in os.listdir(root / "results") if f.startswith(".tmp")] == []
     assert any(line.startswith(f"FAILED {BROKEN}: ") for line in logs)
+    # One featurization pass for the backbone: the binary experiment also featurizes the Pneumonia
+    # images the multiclass one needs (and skips the broken task's missing folder).
+    binary, multi = _metrics(swept, BINARY), _metrics(swept, MULTI)
+    assert (binary["images_featurized"], binary["images_featurized_for_other_tasks"], binary["n_images"]) == (12, 6, 12)
+    assert (multi["images_featurized"], multi["images_from_cache"], multi["n_images"]) == (0, 18, 18)
+    assert any(line.startswith("featurizing 18 images with ResNet50 (0 of 12 already cached, 6 of them for other tasks)")
+               for line in logs), logs
     # progress of the featurization job: images done of total, images/s, time left
-    assert any(re.fullmatch(r"featurizing: \d+ of 12 images, (starting \(\d+ s\)|[\d.]+ images/s, about \d+ s left)", line)
+    assert any(re.fullmatch(r"featurizing: \d+ of 18 images, (starting \(\d+ s\)|[\d.]+ images/s, about \d+ s left)", line)
                for line in logs), logs
 
 

@@ -115,7 +115,10 @@ def _predict_function(model, input_size: int) -> Callable[[np.ndarray], np.ndarr
     import tensorflow as tf
 
     spec = tf.TensorSpec((None, input_size, input_size, 3), tf.float32)
-    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    # autograph=False: the model has no Python control flow to convert; converting Keras' call
+    # stack anyway costs about a second of tracing in every Python worker (as Keras' own
+    # predict function avoids too).
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
 
     def run(batch: np.ndarray) -> np.ndarray:
         return graph(batch).numpy()
@@ -137,7 +140,9 @@ def _configure_gpus() -> str:
     return "GPU" if gpus else "CPU"
 
 
-# One extractor per (backbone, weights, pooling) per Python process, never in a UDF closure.
+# One extractor per (backbone, weights, pooling) per Python process, never in a UDF closure; the
+# MAX_EXTRACTORS most recently used are kept (a backbone holds hundreds of MB).
+MAX_EXTRACTORS = 2
 _EXTRACTORS: dict[tuple, FeatureExtractor] = {}
 _LOCK = threading.Lock()
 _threads_configured = False
@@ -224,13 +229,28 @@ def get_extractor(
     """
     key = (model_name, weights_path, pooling, weights_sha256)
     with _LOCK:
-        extractor = _EXTRACTORS.get(key)
+        extractor = _EXTRACTORS.pop(key, None)
         if extractor is None:
             _configure_threads()
             local = _local_weights(weights_path, weights_sha256)
-            extractor = _EXTRACTORS[key] = FeatureExtractor(model_name, local, pooling)
+            if len(_EXTRACTORS) >= MAX_EXTRACTORS:
+                _evict_oldest()
+            extractor = FeatureExtractor(model_name, local, pooling)
             _freeze_in_spark_worker()
+        _EXTRACTORS[key] = extractor  # last = most recently used
         return extractor
+
+
+def _evict_oldest() -> None:
+    """Drop the least recently used extractor(s) so one more fits; frozen objects are thawed first,
+    or the collector could never free a dropped model's reference cycles."""
+    while len(_EXTRACTORS) >= MAX_EXTRACTORS:
+        _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
+    gc.unfreeze()
+    gc.collect()
+    import keras
+
+    keras.backend.clear_session(free_memory=True)
 
 
 def _freeze_in_spark_worker() -> None:

@@ -118,6 +118,7 @@ class FeaturizeStats:
     seconds: float  # featurization wall time of this run
     images_per_second: float | None  # this run's rate, else the rate recorded by the cache parts
     rate_source: str  # "this run" | "cache" | "none"
+    featurized_for_others: int = 0  # images of other labels featurized in the same job (``keep``)
 
 
 def weights_id(model_name: str, weights: str) -> str:
@@ -151,12 +152,19 @@ def _parts(folder: str) -> list[str]:
 
 
 def featurize_cached(
-    spark, images: DataFrame, featurizer: KerasImageFeaturizer, cache_dir: str | None, log=print
+    spark, images: DataFrame, featurizer: KerasImageFeaturizer, cache_dir: str | None, log=print,
+    keep: list[str] | None = None,
 ) -> tuple[DataFrame, FeaturizeStats]:
     """``images`` (path, label, content) -> (path, label, features), each image featurized once.
 
-    With ``cache_dir`` None the features are computed and kept in Spark's cache for this run only.
+    With ``keep`` (labels), only rows of those labels are returned and counted in the stats; the
+    other rows are featurized into the cache in the same job (a sweep's other tasks with the same
+    backbone: one pass over the images per backbone). With ``cache_dir`` None the features are
+    computed and kept in Spark's cache for this run only.
     """
+    if keep is not None and cache_dir is None:
+        images = images.filter(F.col("label").isin(list(keep)))
+        keep = None
     keyed = images.withColumn("sha256", F.sha2(F.col("content"), 256))
     if cache_dir is None:
         total = keyed.count()
@@ -170,18 +178,23 @@ def featurize_cached(
 
     folder = cache_folder(cache_dir, featurizer)
     parts = _parts(folder)
-    keys = keyed.select("path", "sha256").collect()  # small: a path and a hash per image
-    total = len(keys)
+    keys = keyed.select("path", "label", "sha256").collect()  # small: a path, label and hash per image
+    wanted = set(keep) if keep is not None else None
+    own = [r for r in keys if wanted is None or r.label in wanted]
+    total = len(own)
     cached = {r.sha256 for r in spark.read.parquet(*parts).select("sha256").distinct().collect()} if parts else set()
-    n_cached = sum(1 for r in keys if r.sha256 in cached)
+    n_cached = sum(1 for r in own if r.sha256 in cached)
     todo: dict[str, str] = {}  # distinct new content -> the one file featurized for it
     for r in sorted(keys, key=lambda r: r.path):
         if r.sha256 not in cached:
             todo.setdefault(r.sha256, r.path)
     n_missing = len(todo)  # distinct contents: duplicate images are featurized once
+    n_own_missing = len({r.sha256 for r in own if r.sha256 not in cached})
     seconds, n_done = 0.0, 0
     if n_missing:
-        log(f"featurizing {n_missing} images with {featurizer.getModelName()} ({n_cached} of {total} already cached)")
+        others = f", {n_missing - n_own_missing} of them for other tasks" if n_missing > n_own_missing else ""
+        log(f"featurizing {n_missing} images with {featurizer.getModelName()} ({n_cached} of {total} already "
+            f"cached{others})")
         # A broadcast join keeps the job one stage (no shuffle): progress is that stage's tasks.
         chosen = spark.createDataFrame([(p,) for p in todo.values()], "path string")
         missing = keyed.join(F.broadcast(chosen), "path")
@@ -201,11 +214,15 @@ def featurize_cached(
         parts = _parts(folder)
     rate, source = (n_done / seconds, "this run") if n_done and seconds > 0 else _recorded_rate(parts)
     feats = spark.read.parquet(*parts).dropDuplicates(["sha256"]) if parts else None
+    own_keys = keyed.select("path", "label", "sha256")
+    if wanted is not None:
+        own_keys = own_keys.filter(F.col("label").isin(sorted(wanted)))
     if feats is None:
-        joined = keyed.limit(0).select("path", "label", F.lit(None).alias("features"))
+        joined = own_keys.limit(0).select("path", "label", F.lit(None).alias("features"))
     else:
-        joined = keyed.select("path", "label", "sha256").join(feats, "sha256", "inner").drop("sha256")
-    stats = FeaturizeStats(total, n_done, n_cached, seconds, rate, source)
+        joined = own_keys.join(feats, "sha256", "inner").drop("sha256")
+    n_own_done = min(n_own_missing, n_done)
+    stats = FeaturizeStats(total, n_own_done, n_cached, seconds, rate, source, n_done - n_own_done)
     return joined, stats
 
 

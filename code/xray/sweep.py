@@ -178,6 +178,30 @@ def _results_root(config: Config, names: list[str], overrides: list[str]) -> str
     return os.path.join(os.path.dirname(os.path.abspath(config.path)), config.defaults.get("results_dir", "results"))
 
 
+def _feature_key(exp) -> tuple:
+    """What makes two experiments' features the same: backbone, weights, pooling, images, cache."""
+    ds = exp["dataset"]
+    return (exp.model, exp["weights"], exp["pooling"], exp.resized_dir, ds["image_size"], ds["mode"],
+            exp["max_image_pixels"], exp["handleInvalid"], exp.cache_dir)
+
+
+def _later_classes(config: Config, names: list[str], overrides: list[str]) -> list[list[str]]:
+    """Per experiment, the classes of later experiments with the same features: featurized in its pass.
+
+    So the sweep makes one featurization pass per backbone over the union of its tasks' images;
+    the later experiments read the feature cache.
+    """
+    keys = []
+    for name in names:
+        try:
+            exp = config.experiment(name, overrides)
+            keys.append((_feature_key(exp), list(exp.classes)))
+        except Exception:  # noqa: BLE001 - a broken entry fails on its own turn, with its message
+            keys.append((None, []))
+    return [sorted({c for key, classes in keys[i + 1:] if key == keys[i][0] and key is not None for c in classes})
+            for i in range(len(names))]
+
+
 def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[str] | tuple[str, ...] = (),
               log: Callable[[str], object] = print) -> int:
     """Run every experiment matching ``pattern``; returns 0 if all succeeded, else 1."""
@@ -191,11 +215,12 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
     root = _results_root(config, names, overrides)
     rows = [failed_row(n, config, "not run", None) for n in names]
     log(f"sweep: {len(names)} experiment(s): {', '.join(names)}")
+    later = _later_classes(config, names, overrides)
     for i, name in enumerate(names):
         log(f"[{i + 1}/{len(names)}] {name}")
         try:
             exp = config.experiment(name, overrides)
-            metrics = run_experiment(exp, log=log)
+            metrics = run_experiment(exp, log=log, also_classes=later[i])
             rows[i] = summary_row(name, metrics)
             stale_log = os.path.join(exp.results_dir, ERROR_LOG)
             if os.path.exists(stale_log):
