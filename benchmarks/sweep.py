@@ -259,36 +259,41 @@ def _xray(args: list[str], log_path: str) -> tuple[int, float, dict]:
         return code, time.perf_counter() - start, sampler.report()
 
 
-def single_pass(model: str, weights: str, resized: str, classes: list[str], batch_size: int) -> dict[str, Any]:
-    """Runs in its own process: one featurizer pass over the resized images, cold Python workers."""
-    from pyspark.sql import functions as F
+def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> dict[str, Any]:
+    """Runs in its own process: one featurizer pass of ``experiment``'s backbone over the resized
+    images of ``classes``, with its settings; a warm JVM, cold Python workers (as in featurize.py)."""
+    from pyspark.sql import SparkSession
 
+    from featurize import warm_up_jvm
     from imagefeaturizer.featurizer import KerasImageFeaturizer
     from xray.config import load_config
     from xray.experiment import load_images
     from xray.session import spark_session
 
-    settings = load_config(os.path.join(ROOT, "config.yaml")).defaults
-    spark = spark_session({"spark": dict(settings["spark"], app_name="sweep-benchmark-pass")})
-    images = load_images(spark, resized, classes)
-    images.select("path", F.length("content")).write.format("noop").mode("overwrite").save()  # JVM warm-up
-    n = images.count()
-    featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName=model, weights=weights,
-                                      batchSize=batch_size)
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(experiment, overrides)
+    settings = {"spark": dict(exp.settings["spark"], app_name="sweep-benchmark-pass")}
+    resized = exp.resized_dir
+    spark = spark_session(settings)
+    paths = [r.path for r in load_images(spark, resized, classes).select("path").collect()]
+    warm_up_jvm(spark, paths)
+    SparkSession.getActiveSession().stop()  # same JVM; the timed context starts new Python workers
+    spark = spark_session(settings)
+    n = len(paths)
+    featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName=exp.model,
+                                      weights=exp.weights, pooling=exp["pooling"], batchSize=exp["batch_size"],
+                                      handleInvalid=exp["handleInvalid"], maxImagePixels=exp["max_image_pixels"])
     start = time.perf_counter()
     featurizer.transform(load_images(spark, resized, classes)).select("path", "features") \
         .write.format("noop").mode("overwrite").save()
     seconds = time.perf_counter() - start
     spark.stop()
-    return {"model": model, "images": n, "seconds": seconds, "images_per_s": n / seconds}
+    return {"model": exp.model, "images": n, "seconds": seconds, "images_per_s": n / seconds}
 
 
-def run_single_pass(model: str, weights: str, resized: str, classes: list[str], batch_size: int,
-                    work: str) -> dict[str, Any]:
+def run_single_pass(experiment: str, model: str, overrides: list[str], classes: list[str], work: str) -> dict[str, Any]:
     result = os.path.join(work, f"pass-{model}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--single-pass", model, "--weights", weights,
-           "--resized", resized, "--classes", ",".join(classes), "--batch-size", str(batch_size),
-           "--result-file", result]
+    cmd = [sys.executable, os.path.abspath(__file__), "--single-pass", experiment, "--classes", ",".join(classes),
+           "--result-file", result, *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise BenchmarkError(f"single pass of {model} failed: {_last_line(proc.stderr) or proc.returncode}")
@@ -301,30 +306,33 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from xray.errors import UserError
     from xray.sweep import matching
 
-    config = load_config(os.path.join(ROOT, "config.yaml"))
-    try:
-        names = matching(config, args.pattern)
-        exps = [config.experiment(n, [f"weights={args.weights}"]) for n in names]
-    except UserError as exc:
-        raise BenchmarkError(str(exc)) from None
-    models = list(dict.fromkeys(e.model for e in exps))
-    classes = sorted({c for e in exps for c in e.classes})
-    for model in models:  # fail before any timing, e.g. on missing ImageNet weights
-        try:
-            backbones.resolve_weights(model, args.weights)
-        except backbones.WeightsError as exc:
-            raise BenchmarkError(str(exc)) from None
     if not os.path.isdir(args.data):
         raise BenchmarkError(f"--data {args.data}: no such folder; give the folder with one sub-folder per class")
     out = os.path.abspath(args.out)
+    config = load_config(os.path.join(ROOT, "config.yaml"))
+    try:
+        names = matching(config, args.pattern)
+        exps = [config.experiment(n, [f"weights={args.weights}", *args.overrides]) for n in names]
+    except UserError as exc:
+        raise BenchmarkError(str(exc)) from None
+    first_of = {}  # backbone -> its first experiment (its settings drive the single pass)
+    for e in exps:
+        first_of.setdefault(e.model, e.name)
+    classes = sorted({c for e in exps for c in e.classes})
+    for model in first_of:  # fail before any timing, e.g. on missing ImageNet weights
+        try:
+            backbones.resolve_weights(model, next(e.weights for e in exps if e.model == model))
+        except backbones.WeightsError as exc:
+            raise BenchmarkError(str(exc)) from None
     os.makedirs(out, exist_ok=True)
     raw = os.path.abspath(args.data) if args.scale == 1 else generate(args.data, args.scale, out, classes)
     resized = os.path.join(out, f"resized-{args.scale}x")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     work = os.path.join(out, f"run-{args.scale}x-{run_id}")
     os.makedirs(work)
-    overrides = [f"weights={args.weights}", f"dataset.raw_dir={raw}", f"dataset.resized_dir={resized}",
-                 f"batch_size={args.batch_size}"]
+    overrides = [f"weights={args.weights}", *args.overrides, f"dataset.raw_dir={raw}",
+                 f"dataset.resized_dir={resized}"]
+    models = list(first_of)
 
     print(f"sweep '{args.pattern}': {len(names)} experiments, backbones {', '.join(models)}; data {raw} "
           f"(scale {args.scale}); work folder {work}", flush=True)
@@ -337,7 +345,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     passes = []
     if not args.no_passes:
         for model in models:
-            passes.append(run_single_pass(model, args.weights, resized, classes, args.batch_size, work))
+            passes.append(run_single_pass(first_of[model], model, overrides, classes, work))
             print(f"single pass {model}: {passes[-1]['images']} images in {passes[-1]['seconds']:.1f} s "
                   f"({passes[-1]['images_per_s']:.2f} images/s)", flush=True)
 
@@ -364,7 +372,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"data": args.data, "scale": args.scale, "pattern": args.pattern, "weights": args.weights,
-                     "batch_size": args.batch_size, "images": passes[0]["images"] if passes else None},
+                     "set": args.overrides, "images": passes[0]["images"] if passes else None},
         "experiments": experiments,
         "single_passes": passes,
         "single_passes_seconds": passes_s,
@@ -422,14 +430,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=1,
                         help="N > 1: run on a generated data set N times the size of --data (default 1)")
     parser.add_argument("--weights", default=backbones.RANDOM, help="random (default), imagenet or a weights file")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per backbone call (default 32)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the sweep and the single passes (repeatable), as in wrapper.sh")
     parser.add_argument("--no-passes", action="store_true", help="skip the single passes (memory only)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "sweep"),
                         help="work folder: generated data, resized images, logs, results (default benchmarks/out/sweep)")
     parser.add_argument("--keep", action="store_true", help="keep the run's feature cache")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--single-pass", help=argparse.SUPPRESS)
-    parser.add_argument("--resized", help=argparse.SUPPRESS)
     parser.add_argument("--classes", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -437,8 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if not args.data:
         parser.error("--data is required")
-    if args.scale < 1 or args.batch_size < 1:
-        raise BenchmarkError("--scale and --batch-size must be > 0")
+    if args.scale < 1:
+        raise BenchmarkError("--scale must be > 0")
     return args
 
 
@@ -446,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.single_pass:
-            result = single_pass(args.single_pass, args.weights, args.resized, args.classes.split(","),
-                                 args.batch_size)
+            result = single_pass(args.single_pass, args.overrides, args.classes.split(","))
             with open(args.result_file, "w", encoding="utf-8") as f:
                 json.dump(result, f)
             return 0

@@ -109,3 +109,47 @@ def test_gpu_batches_are_at_least_the_gpu_minimum():
     assert extractor.batch_size(8) == 8
     extractor.device = "GPU"
     assert extractor.batch_size(8) == GPU_MIN_BATCH and extractor.batch_size(512) == 512
+
+
+SWEEP_SCRIPT = os.path.join(ROOT, "benchmarks", "sweep.py")
+
+
+def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(tmp_path):
+    from conftest import make_dataset
+
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=6)
+    out, report_path = tmp_path / "out", tmp_path / "sweep.json"
+    sets = ["dataset.image_size=64", "classifier.maxIter=5", "test_fraction=0.34", "batch_size=8"]
+    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", raw, "--pattern", "ResNet50_binary*", "--scale", "2",
+                           "--out", str(out), "--json", str(report_path), *sum((["--set", s] for s in sets), [])],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    generated = out / "data-2x"
+    for cls in ("Covid-19", "No_findings"):  # each source image and one variant of it, same formats
+        names = sorted(os.listdir(generated / cls))
+        assert len(names) == 12 and sum("--v1." in n for n in names) == 6
+        assert {os.path.splitext(n)[1] for n in names} == {os.path.splitext(n)[1] for n in os.listdir(os.path.join(raw, cls))}
+    (exp,) = report["experiments"]
+    assert exp["experiment"] == "ResNet50_binary_classification" and exp["n_images"] == 24
+    assert exp["images_featurized"] == 24  # variants have content of their own: nothing shared in the cache
+    (single,) = report["single_passes"]
+    assert single["model"] == "ResNet50" and single["images"] == 24 and single["seconds"] > 0
+    assert report["sweep_ratio"] == pytest.approx(report["sweep_seconds"] / single["seconds"])
+    assert report["sweep_seconds"] > report["sweep_featurization_seconds"] > 0
+    if sys.platform.startswith("linux"):
+        memory = report["memory"]
+        assert 50 < memory["driver_python_peak_rss_mib"] < memory["driver_peak_rss_mib"]
+        assert memory["driver_jvm_peak_rss_mib"] > 100 and memory["python_worker_peak_rss_mib"] > 300
+    assert "ratio" in proc.stdout and "driver peak RSS" in proc.stdout
+    assert not os.path.exists(os.path.join(report["work"], "cache"))  # the run's feature cache is removed
+
+
+def test_sweep_benchmark_user_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "nowhere" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", str(tmp_path), "--pattern", "AlexNet_*"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "AlexNet_*" in bad.stderr and "Traceback" not in bad.stderr

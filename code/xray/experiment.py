@@ -283,7 +283,8 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
                                      keep=list(exp.classes) if extra else None)
     split = with_split(feats, exp["seed"], exp["test_fraction"], exp["cv_folds"]).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
-    n_train, n_test = train.count(), test.count()
+    sizes = {r["is_test"]: r["count"] for r in split.groupBy("is_test").count().collect()}
+    n_train, n_test = sizes.get(False, 0), sizes.get(True, 0)
     lost = fstats.images - n_train - n_test
     log(f"features: {fstats.images} images, {fstats.featurized} featurized in {fstats.seconds:.1f} s, {fstats.from_cache} from cache; train {n_train}, test {n_test}")
 

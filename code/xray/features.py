@@ -214,9 +214,9 @@ def featurize_cached(
         parts = _parts(folder)
     rate, source = (n_done / seconds, "this run") if n_done and seconds > 0 else _recorded_rate(parts)
     feats = spark.read.parquet(*parts).dropDuplicates(["sha256"]) if parts else None
-    own_keys = keyed.select("path", "label", "sha256")
-    if wanted is not None:
-        own_keys = own_keys.filter(F.col("label").isin(sorted(wanted)))
+    # The keys collected above, not the images read and hashed once more.
+    own_keys = spark.createDataFrame([(r.path, r.label, r.sha256) for r in own],
+                                     "path string, label string, sha256 string")
     if feats is None:
         joined = own_keys.limit(0).select("path", "label", F.lit(None).alias("features"))
     else:
