@@ -55,8 +55,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from imagefeaturizer import backbones  # noqa: E402
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from featurize import _children, _comm, _descendants, _status_kib, warm_up_jvm  # noqa: E402
+
 SWEEP_RATIO_TARGET = 1.15
 DRIVER_MEMORY_TARGET_MIB = 2048
 
@@ -129,47 +130,6 @@ def generate(data: str, scale: int, out: str, classes: list[str], log=print) -> 
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _status_kib(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
-    found, todo = [], list(tree.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(tree.get(child, []))
-    return found
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class DriverSampler:
@@ -264,7 +224,6 @@ def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> di
     images of ``classes``, with its settings; a warm JVM, cold Python workers (as in featurize.py)."""
     from pyspark.sql import SparkSession
 
-    from featurize import warm_up_jvm
     from imagefeaturizer.featurizer import KerasImageFeaturizer
     from xray.config import load_config
     from xray.experiment import load_images
