@@ -343,13 +343,30 @@ def spark_settings(master: str, extra_conf: list[str] | tuple[str, ...] = ()) ->
     return {"spark": dict(settings["spark"], master=master, app_name="featurize-benchmark", conf=conf)}
 
 
-def warm_up_jvm(spark, paths: list[str]) -> None:
-    """Run the file scan and the Arrow path to Python once, so the JVM's start-up compilation is not timed.
+def cold_workers_warm_jvm(settings: dict, paths: list[str]):
+    """A new SparkSession whose JVM has run the file scan and the Arrow path to Python, and whose
+    Python workers are not started yet: the JVM's start-up compilation is not timed, the workers'
+    start-up is.
 
     A long-running Spark application's JVM has compiled these long before; a fresh one spends
-    several CPU-seconds of a 2-core machine compiling them during its first pandas UDF job. Run
-    it in a SparkContext that is stopped afterwards: the timed context starts new Python workers.
+    several CPU-seconds of a 2-core machine compiling them during its first pandas UDF job. The
+    warm-up runs in a SparkContext that is stopped afterwards (the JVM stays; the next context
+    starts new Python workers).
     """
+    from pyspark.sql import SparkSession
+
+    from xray.session import spark_session
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    warm_up_jvm(spark_session(settings), paths)
+    SparkSession.getActiveSession().stop()
+    return spark_session(settings)
+
+
+def warm_up_jvm(spark, paths: list[str]) -> None:
+    """Run the file scan and the Arrow path to Python once in ``spark`` (see :func:`cold_workers_warm_jvm`)."""
     from pyspark.sql import functions as F
 
     @F.pandas_udf("long")
@@ -370,18 +387,10 @@ def _glob_escape(path: str) -> str:
 def spark_run(settings: dict, model_name: str, weights: str, batch_size: int, paths: list[str],
               warm: bool) -> dict[str, Any]:
     """The featurizer over ``paths`` in a fresh SparkContext (cold Python workers)."""
-    from pyspark.sql import SparkSession
-
     from imagefeaturizer.featurizer import KerasImageFeaturizer
-    from xray.session import spark_session
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
     start = time.perf_counter()
-    warm_up_jvm(spark_session(settings), paths)
-    SparkSession.getActiveSession().stop()  # same JVM; the next context starts new Python workers
-    spark = spark_session(settings)
+    spark = cold_workers_warm_jvm(settings, paths)
     session_s = time.perf_counter() - start
     featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName=model_name,
                                       weights=weights, batchSize=batch_size)

@@ -56,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from imagefeaturizer import backbones  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from featurize import _children, _comm, _descendants, _status_kib, warm_up_jvm  # noqa: E402
+from featurize import _children, _comm, _descendants, _status_kib, cold_workers_warm_jvm  # noqa: E402
 
 SWEEP_RATIO_TARGET = 1.15
 DRIVER_MEMORY_TARGET_MIB = 2048
@@ -203,6 +203,11 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _set_args(overrides: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` for each override, as ``wrapper.sh`` and this script take them."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip() and "WARN" not in line]
     return lines[-1] if lines else ""
@@ -222,8 +227,6 @@ def _xray(args: list[str], log_path: str) -> tuple[int, float, dict]:
 def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> dict[str, Any]:
     """Runs in its own process: one featurizer pass of ``experiment``'s backbone over the resized
     images of ``classes``, with its settings; a warm JVM, cold Python workers (as in featurize.py)."""
-    from pyspark.sql import SparkSession
-
     from imagefeaturizer.featurizer import KerasImageFeaturizer
     from xray.config import load_config
     from xray.experiment import load_images
@@ -232,11 +235,8 @@ def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> di
     exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(experiment, overrides)
     settings = {"spark": dict(exp.settings["spark"], app_name="sweep-benchmark-pass")}
     resized = exp.resized_dir
-    spark = spark_session(settings)
-    paths = [r.path for r in load_images(spark, resized, classes).select("path").collect()]
-    warm_up_jvm(spark, paths)
-    SparkSession.getActiveSession().stop()  # same JVM; the timed context starts new Python workers
-    spark = spark_session(settings)
+    paths = [r.path for r in load_images(spark_session(settings), resized, classes).select("path").collect()]
+    spark = cold_workers_warm_jvm(settings, paths)
     n = len(paths)
     featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName=exp.model,
                                       weights=exp.weights, pooling=exp["pooling"], batchSize=exp["batch_size"],
@@ -252,7 +252,7 @@ def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> di
 def run_single_pass(experiment: str, model: str, overrides: list[str], classes: list[str], work: str) -> dict[str, Any]:
     result = os.path.join(work, f"pass-{model}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--single-pass", experiment, "--classes", ",".join(classes),
-           "--result-file", result, *sum((["--set", o] for o in overrides), [])]
+           "--result-file", result, *_set_args(overrides)]
     proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise BenchmarkError(f"single pass of {model} failed: {_last_line(proc.stderr) or proc.returncode}")
@@ -295,7 +295,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"sweep '{args.pattern}': {len(names)} experiments, backbones {', '.join(models)}; data {raw} "
           f"(scale {args.scale}); work folder {work}", flush=True)
-    code, resize_s, _ = _xray(["run", "dataset_resize", *sum((["--set", o] for o in overrides), [])],
+    code, resize_s, _ = _xray(["run", "dataset_resize", *_set_args(overrides)],
                               os.path.join(work, "resize.log"))
     if code != 0:
         raise BenchmarkError(f"the resize job failed (exit {code}): see {os.path.join(work, 'resize.log')}")
@@ -312,7 +312,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results = os.path.join(work, "results")
     sweep_overrides = [*overrides, f"cache_dir={cache}", f"results_dir={results}"]
     print("sweep: running (log in sweep.log) ...", flush=True)
-    code, sweep_s, memory = _xray(["sweep", args.pattern, *sum((["--set", o] for o in sweep_overrides), [])],
+    code, sweep_s, memory = _xray(["sweep", args.pattern, *_set_args(sweep_overrides)],
                                   os.path.join(work, "sweep.log"))
     if code != 0:
         with open(os.path.join(work, "sweep.log"), encoding="utf-8") as f:
