@@ -323,7 +323,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             m = json.load(f)
         experiments.append({k: m.get(k) for k in ("experiment", "model", "task", "n_images", "images_featurized",
                                                   "images_from_cache", "featurization_seconds", "wall_seconds",
-                                                  "lr_iterations", "accuracy")})
+                                                  "lr_iterations", "accuracy", "phase_seconds")})
     featurized = sum(e["images_featurized"] for e in experiments)
     featurize_s = sum(e["featurization_seconds"] for e in experiments)
     passes_s = sum(p["seconds"] for p in passes) if passes else None

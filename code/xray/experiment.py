@@ -232,6 +232,20 @@ def run_resize(exp: Experiment, spark: SparkSession | None = None, log=print) ->
     )
 
 
+class Phases:
+    """Wall seconds of an experiment's steps, in order: ``mark(name)`` closes the step that ran
+    since the previous mark. Written to metrics.json as ``phase_seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[str, ...] = ()) -> dict:
     """Run one named experiment end to end; returns the metrics written to metrics.json.
 
@@ -240,6 +254,7 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     left out. They take no part in this experiment.
     """
     started = time.perf_counter()
+    phases = Phases()
     classes = sorted(exp.classes)
     if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
         from .download import run_download
@@ -257,13 +272,16 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     if random_weights:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
 
+    phases.mark("checks")
     spark = spark_session(exp.settings)
+    phases.mark("spark_session")
     ensure_resized(spark, exp, log)
     audit, cue_warning, invalid_raw = data.audit_for(exp.raw_dir, exp.resized_dir, exp.classes)
     data.check_invalid(exp.raw_dir, invalid_raw, exp["handleInvalid"], log)  # error: stop; skip: name them
     if cue_warning:
         log(cue_warning + " (this run uses the resized data set)")
 
+    phases.mark("data_checks")
     featurizer = KerasImageFeaturizer(
         inputCol="content",
         outputCol="features",
@@ -279,6 +297,7 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     images = load_images(spark, exp.resized_dir, [*exp.classes, *extra])
     feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
                                      keep=list(exp.classes) if extra else None)
+    phases.mark("featurize")
     split = with_split(feats, exp["seed"], exp["test_fraction"], exp["cv_folds"]).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
     sizes = {r["is_test"]: r["count"] for r in split.groupBy("is_test").count().collect()}
@@ -286,11 +305,14 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     lost = fstats.images - n_train - n_test
     log(f"features: {fstats.images} images, {fstats.featurized} featurized in {fstats.seconds:.1f} s, {fstats.from_cache} from cache; train {n_train}, test {n_test}")
 
+    phases.mark("split")
     indexer_model, lr_model, converter = fit_head(train, exp.settings, len(classes))
+    phases.mark("fit")
     if list(indexer_model.labels) != classes:
         raise DataError(f"training split lacks a class: has {indexer_model.labels}, task needs {classes}")
     pred = predict_rows([indexer_model, lr_model, converter], test)
     metrics = classification_metrics(pred["y_true"], pred["y_pred"], pred["probability"], classes)
+    phases.mark("evaluate")
     cv = None
     if exp["cv_folds"] > 1:
         log(f"cross-validation: {exp['cv_folds']} stratified folds of the training split")
@@ -298,8 +320,10 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
         acc = cv["accuracy"]
         log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
 
+        phases.mark("cross_validation")
     model = PipelineModel([indexer_model, featurizer, lr_model, converter])
     save_model_atomic(model, os.path.join(exp.results_dir, "model"))
+    phases.mark("save_model")
 
     result = {
         "experiment": exp.name,
@@ -333,6 +357,8 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
         "versions": versions(),
     }
     result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
+    phases.mark("reports")
+    result["phase_seconds"] = phases.seconds
     result["wall_seconds"] = time.perf_counter() - started
     data.write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
     split.unpersist()
