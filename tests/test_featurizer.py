@@ -179,3 +179,35 @@ def test_every_backbone_in_spark(spark, tmp_path, name):
     paths = [_strip(r.path) for r in rows]
     expected = extractor.predict([extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths], 4)
     np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zip_finders_are_dropped_and_imports_from_the_zip_still_work(tmp_path, monkeypatch):
+    """Spark workers import pyspark from a zip; its cached finders are dropped, imports still work."""
+    import importlib
+    import zipfile
+    import zipimport
+
+    from imagefeaturizer.featurizer import _drop_zip_finders
+
+    archive = tmp_path / "pkgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("zpkg_probe/__init__.py", "")
+        zf.writestr("zpkg_probe/sub/__init__.py", "")
+        zf.writestr("zpkg_probe/sub/a.py", "VALUE = 1\n")
+        zf.writestr("zpkg_probe/sub/b.py", "VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(archive))
+    for name in [m for m in sys.modules if m.startswith("zpkg_probe")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert importlib.import_module("zpkg_probe.sub.a").VALUE == 1
+
+    def zip_finders():
+        return [p for p, f in sys.path_importer_cache.items()
+                if isinstance(f, zipimport.zipimporter) and str(archive) in p]
+
+    assert zip_finders(), "importing from the zip should have cached its finders"
+    _drop_zip_finders()
+    assert zip_finders() == []
+    importlib.invalidate_caches()
+    assert importlib.import_module("zpkg_probe.sub.b").VALUE == 2  # a new import from the zip works
+    for name in [m for m in sys.modules if m.startswith("zpkg_probe")]:
+        del sys.modules[name]
