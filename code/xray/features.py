@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pyspark.sql import DataFrame
@@ -119,6 +119,7 @@ class FeaturizeStats:
     images_per_second: float | None  # this run's rate, else the rate recorded by the cache parts
     rate_source: str  # "this run" | "cache" | "none"
     featurized_for_others: int = 0  # images of other labels featurized in the same job (``keep``)
+    keys: list = field(default_factory=list, repr=False)  # (path, label) of the returned rows' images
 
 
 def weights_id(model_name: str, weights: str) -> str:
@@ -173,7 +174,8 @@ def featurize_cached(
         with Progress(spark, total, log):
             n = feats.count()
         seconds = time.perf_counter() - start
-        stats = FeaturizeStats(total, n, 0, seconds, n / seconds if seconds > 0 else None, "this run")
+        keys = [(r.path, r.label) for r in feats.select("path", "label").collect()]
+        stats = FeaturizeStats(total, n, 0, seconds, n / seconds if seconds > 0 else None, "this run", keys=keys)
         return feats.drop("sha256"), stats
 
     folder = cache_folder(cache_dir, featurizer)
@@ -182,7 +184,12 @@ def featurize_cached(
     wanted = set(keep) if keep is not None else None
     own = [r for r in keys if wanted is None or r.label in wanted]
     total = len(own)
-    cached = {r.sha256 for r in spark.read.parquet(*parts).select("sha256").distinct().collect()} if parts else set()
+    # One row a cached image, 64 bytes each: the parts hold each content once unless two runs
+    # featurized the same new images at the same time (then the rows are deduplicated below).
+    cached_rows = [r.sha256 for r in spark.read.parquet(*parts).select("sha256").collect()] if parts else []
+    cached = set(cached_rows)
+    unique = len(cached) == len(cached_rows)
+    seen_parts = set(parts)
     n_cached = sum(1 for r in own if r.sha256 in cached)
     todo: dict[str, str] = {}  # distinct new content -> the one file featurized for it
     for r in sorted(keys, key=lambda r: r.path):
@@ -205,24 +212,32 @@ def featurize_cached(
             with Progress(spark, n_missing, log):
                 featurizer.transform(missing).select("sha256", "features").write.parquet(tmp)
             seconds = time.perf_counter() - start
-            n_done = spark.read.parquet(tmp).count()
+            new_rows = [r.sha256 for r in spark.read.parquet(tmp).select("sha256").collect()]
+            n_done = len(new_rows)
+            unique = unique and len(set(new_rows)) == n_done and cached.isdisjoint(new_rows)
             with open(os.path.join(tmp, "_stats.json"), "w", encoding="utf-8") as f:
                 json.dump({"images": n_done, "seconds": seconds}, f)
-            os.replace(tmp, os.path.join(folder, f"part-{uuid.uuid4().hex}"))
+            new_part = os.path.join(folder, f"part-{uuid.uuid4().hex}")
+            os.replace(tmp, new_part)
+            seen_parts.add(new_part)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         parts = _parts(folder)
     rate, source = (n_done / seconds, "this run") if n_done and seconds > 0 else _recorded_rate(parts)
-    feats = spark.read.parquet(*parts).dropDuplicates(["sha256"]) if parts else None
-    # The keys collected above, not the images read and hashed once more.
+    feats = spark.read.parquet(*parts) if parts else None
+    if feats is not None and not (unique and seen_parts.issuperset(parts)):  # a part of another run
+        feats = feats.dropDuplicates(["sha256"])
+    # The keys collected above, not the images read and hashed once more; a broadcast join, so
+    # the feature rows are not shuffled.
     own_keys = spark.createDataFrame([(r.path, r.label, r.sha256) for r in own],
                                      "path string, label string, sha256 string")
     if feats is None:
         joined = own_keys.limit(0).select("path", "label", F.lit(None).alias("features"))
     else:
-        joined = own_keys.join(feats, "sha256", "inner").drop("sha256")
+        joined = feats.join(F.broadcast(own_keys), "sha256", "inner").select("path", "label", "features")
     n_own_done = min(n_own_missing, n_done)
-    stats = FeaturizeStats(total, n_own_done, n_cached, seconds, rate, source, n_done - n_own_done)
+    stats = FeaturizeStats(total, n_own_done, n_cached, seconds, rate, source, n_done - n_own_done,
+                           keys=[(r.path, r.label) for r in own])
     return joined, stats
 
 
