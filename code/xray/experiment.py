@@ -12,19 +12,21 @@ nothing to learn, so the assembled model is the very same one ``Pipeline.fit`` w
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import math
 import os
 import platform
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import IndexToString, StringIndexer
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from imagefeaturizer import backbones
@@ -34,7 +36,7 @@ from . import data, reports
 from .config import Experiment
 from .errors import DataError, UserError
 from .evaluation import classification_metrics
-from .features import featurize_cached, weights_id
+from .features import FeaturizeStats, featurize_cached, weights_id
 from .session import spark_session
 
 LABEL, LABEL_INDEX, PREDICTED = "label", "label_index", "predicted_label"
@@ -56,22 +58,43 @@ def load_images(spark: SparkSession, root: str, classes: list[str]) -> DataFrame
     return result
 
 
-def with_split(df: DataFrame, seed: int, test_fraction: float, cv_folds: int = 0) -> DataFrame:
-    """Add ``is_test`` (stratified, seeded, exact per class) and ``fold`` (for cross-validation).
+def split_rows(keys, seed: int, test_fraction: float, cv_folds: int = 0) -> list[tuple[str, bool, int]]:
+    """``(path, is_test, fold)`` for ``(path, label)`` pairs: stratified, seeded, exact per class.
 
-    The order inside each class is a hash of (class, file name, seed): the same files and seed
-    give the same split on any machine and any partitioning.
+    Inside each class the files are ordered by SHA-256 of (class, file name, seed), then file
+    name: the same files and seed give the same split on any machine, partitioning or Spark
+    version. The first ``max(1, round(n * test_fraction))`` files of a class (half rounded up)
+    are its test split; the training files are dealt to ``cv_folds`` folds in turn (``fold`` is
+    -1 on test rows).
     """
-    name = F.regexp_extract(F.col("path"), r"([^/]+)$", 1)
-    order = Window.partitionBy(LABEL).orderBy(F.xxhash64(F.col(LABEL), name, F.lit(seed)), name)
-    ranked = df.withColumn("_rank", F.row_number().over(order)).withColumn(
-        "_n", F.count(F.lit(1)).over(Window.partitionBy(LABEL))
-    )
-    n_test = F.greatest(F.lit(1), F.round(F.col("_n") * F.lit(test_fraction)))
-    ranked = ranked.withColumn("is_test", F.col("_rank") <= n_test)
+    by_label: dict[str, list[str]] = {}
+    for path, label in keys:
+        by_label.setdefault(label, []).append(path)
     folds = max(cv_folds, 1)
-    ranked = ranked.withColumn("fold", ((F.col("_rank") - n_test - 1) % F.lit(folds)).cast("int"))
-    return ranked.drop("_rank", "_n")
+    rows = []
+    for label, paths in sorted(by_label.items()):
+        def order(path: str, label: str = label) -> tuple[str, str]:
+            name = path.rsplit("/", 1)[-1]
+            return hashlib.sha256(f"{label}\0{name}\0{seed}".encode()).hexdigest(), name
+
+        n_test = max(1, math.floor(len(paths) * test_fraction + 0.5))
+        for rank, path in enumerate(sorted(paths, key=order)):
+            rows.append((path, rank < n_test, -1 if rank < n_test else (rank - n_test) % folds))
+    return rows
+
+
+def with_split(df: DataFrame, seed: int, test_fraction: float, cv_folds: int = 0, keys=None) -> DataFrame:
+    """Add ``is_test`` and ``fold`` (see :func:`split_rows`) to rows with ``path`` and ``label``.
+
+    The split is computed on the driver from the (path, label) pairs, ``keys`` when given (an
+    experiment has them from the feature cache), else collected from ``df``; it joins ``df`` as a
+    broadcast table, so the feature rows are not shuffled.
+    """
+    if keys is None:
+        keys = [(r["path"], r[LABEL]) for r in df.select("path", LABEL).collect()]
+    table = df.sparkSession.createDataFrame(split_rows(keys, seed, test_fraction, cv_folds),
+                                            "path string, is_test boolean, fold int")
+    return df.join(F.broadcast(table), "path")
 
 
 def make_classifier(settings: dict, n_classes: int) -> LogisticRegression:
@@ -246,6 +269,22 @@ class Phases:
         self._last = now
 
 
+@dataclass
+class Prepared:
+    """An experiment with its data checked and its features ready (in the feature cache or in
+    Spark's): what :func:`fit_and_report` needs. The feature DataFrame is lazy and small to hold."""
+
+    exp: Experiment
+    featurizer: KerasImageFeaturizer
+    feats: DataFrame
+    fstats: FeaturizeStats
+    audit: dict
+    cue_warning: str | None
+    invalid_raw: dict
+    phases: Phases
+    started: float
+
+
 def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[str, ...] = ()) -> dict:
     """Run one named experiment end to end; returns the metrics written to metrics.json.
 
@@ -253,9 +292,17 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     cache in the same pass (a sweep's later experiments with this backbone); missing ones are
     left out. They take no part in this experiment.
     """
+    return fit_and_report(prepare_features(exp, log, also_classes), log)
+
+
+def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple[str, ...] = ()) -> Prepared:
+    """The first half of :func:`run_experiment`: checks, resize when stale, featurization.
+
+    Featurization (the only long Spark job) happens here; a sweep runs these in order and hands
+    each result to :func:`fit_and_report`, which may run on another thread.
+    """
     started = time.perf_counter()
     phases = Phases()
-    classes = sorted(exp.classes)
     if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
         from .download import run_download
 
@@ -298,7 +345,18 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
                                      keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
-    split = with_split(feats, exp["seed"], exp["test_fraction"], exp["cv_folds"]).cache()
+    return Prepared(exp, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
+
+
+def fit_and_report(p: Prepared, log=print) -> dict:
+    """The second half of :func:`run_experiment`: split, fit, evaluate, save the model and reports.
+
+    Thread-safe for different experiments on one SparkSession (a sweep runs two at a time)."""
+    exp, featurizer, feats, fstats, phases = p.exp, p.featurizer, p.feats, p.fstats, p.phases
+    invalid_raw = p.invalid_raw
+    classes = sorted(exp.classes)
+    random_weights = exp["weights"] == backbones.RANDOM
+    split = with_split(feats, exp["seed"], exp["test_fraction"], exp["cv_folds"], keys=fstats.keys).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
     sizes = {r["is_test"]: r["count"] for r in split.groupBy("is_test").count().collect()}
     n_train, n_test = sizes.get(False, 0), sizes.get(True, 0)
@@ -349,8 +407,8 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
         "images_per_second_source": fstats.rate_source,
         "lr_iterations": int(lr_model.summary.totalIterations) if lr_model.hasSummary else None,
         "lr_objective_history": [float(v) for v in lr_model.summary.objectiveHistory] if lr_model.hasSummary else [],
-        "data_audit": audit,
-        "data_warning": cue_warning,
+        "data_audit": p.audit,
+        "data_warning": p.cue_warning,
         "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True},
         **({"cross_validation": cv} if cv is not None else {}),
         "config": exp.settings,
@@ -359,7 +417,7 @@ def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[s
     result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
     phases.mark("reports")
     result["phase_seconds"] = phases.seconds
-    result["wall_seconds"] = time.perf_counter() - started
+    result["wall_seconds"] = time.perf_counter() - p.started
     data.write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
     split.unpersist()
     return result
