@@ -28,9 +28,10 @@ from xray.predict import normalize_image, run_predict
 from xray.sweep import run_sweep
 
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
+FOLDS = "ResNet50_folds_classification"  # fails after featurization, on a fitting thread
 # Timing and cache bookkeeping differ between runs; everything else must not.
 VOLATILE = {"wall_seconds", "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
-            "images_per_second_source", "images_featurized_for_other_tasks"}
+            "images_per_second_source", "images_featurized_for_other_tasks", "phase_seconds"}
 
 
 def _overrides(root, raw):
@@ -43,15 +44,16 @@ def _overrides(root, raw):
         f"cache_dir={root / 'cache'}",
         "test_fraction=0.34",
         "batch_size=8",
-        "cv_folds=2",
         "classifier.maxIter=5",  # tiny separable data: LR would run all 200 iterations, one Spark job each
     ]
 
 
 def _config():
     config = load_config(os.path.join(ROOT, "config.yaml"))
+    config.defaults["cv_folds"] = 2  # a default, not an override, so the FOLDS entry's own value wins
     config.tasks["broken"] = ["Covid-19", "Missing"]
     config.entries[BROKEN] = {"model": "ResNet50", "task": "broken"}
+    config.entries[FOLDS] = {"model": "ResNet50", "task": "binary", "cv_folds": 5}  # 4 training images a class
     return config
 
 
@@ -73,9 +75,14 @@ def _metrics(swept, name):
 
 def test_sweep_writes_summary_and_survives_a_failure(swept):
     root, logs = swept["root"], swept["logs"]
-    assert swept["code"] == 1  # one experiment failed
+    assert swept["code"] == 1  # two experiments failed
     rows = list(csv.DictReader(open(root / "results" / "summary.csv", encoding="utf-8")))
-    assert [(r["experiment"], r["status"]) for r in rows] == [(BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed")]
+    assert [(r["experiment"], r["status"]) for r in rows] == [
+        (BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed"), (FOLDS, "failed")]
+    assert rows[3]["error"].startswith("cv_folds=5 needs at least 5 training images per class")
+    assert any(line.startswith(f"FAILED {FOLDS}: cv_folds=5") for line in logs)
+    # fits and reports run on other threads: their lines name the experiment
+    assert any(line.startswith(f"[{MULTI}] features: 18 images") for line in logs), logs
     for r in rows[:2]:
         m = _metrics(swept, r["experiment"])
         assert float(r["accuracy"]) == pytest.approx(m["accuracy"])

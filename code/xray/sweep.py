@@ -1,10 +1,12 @@
 """``wrapper.sh sweep [pattern]``: run the matching experiments and summarise them side by side.
 
 Every matching experiment (``job: experiment`` entries; all ten by default) runs in this process
-and its SparkSession, one after the other. A failing experiment is recorded with a one-line
-reason and the others still run. After each experiment ``results/summary.md``,
-``results/summary.csv`` and ``results/summary.png`` are rewritten (atomically), so an interrupted
-sweep keeps what it finished. Exit code 0 when every experiment succeeded, 1 otherwise.
+and its SparkSession: featurization one experiment after the other, in config order, each image
+once per backbone; the fits and reports of up to :data:`HEAD_THREADS` experiments alongside. A
+failing experiment is recorded with a one-line reason and the others still run. After each
+experiment ``results/summary.md``, ``results/summary.csv`` and ``results/summary.png`` are
+rewritten (atomically), so an interrupted sweep keeps what it finished. Exit code 0 when every
+experiment succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import csv
 import fnmatch
 import io
 import os
+import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from imagefeaturizer.backbones import WeightsError
@@ -25,6 +29,7 @@ from .errors import UserError, worker_error_message
 SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"
 ERROR_LOG = "error.log"
 DEFAULT_PATTERN = "*_classification"
+HEAD_THREADS = 2  # experiments splitting, fitting and reporting at once (featurization: one at a time)
 
 
 def matching(config: Config, pattern: str) -> list[str]:
@@ -204,9 +209,15 @@ def _later_classes(config: Config, names: list[str], overrides: list[str]) -> li
 
 def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[str] | tuple[str, ...] = (),
               log: Callable[[str], object] = print) -> int:
-    """Run every experiment matching ``pattern``; returns 0 if all succeeded, else 1."""
+    """Run every experiment matching ``pattern``; returns 0 if all succeeded, else 1.
+
+    This thread prepares the experiments in config order (checks and featurization: one Spark
+    job at a time over every core); each prepared experiment's split, fit, evaluation and reports
+    run on one of :data:`HEAD_THREADS` threads meanwhile. Their small Spark jobs queue behind a
+    running featurization job (Spark's FIFO scheduler) and take the cores it leaves idle.
+    """
     from .cli import format_result
-    from .experiment import run_experiment
+    from .experiment import fit_and_report, prepare_features
 
     overrides = list(overrides)
     for assignment in overrides:
@@ -216,25 +227,50 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
     rows = [failed_row(n, config, "not run", None) for n in names]
     log(f"sweep: {len(names)} experiment(s): {', '.join(names)}")
     later = _later_classes(config, names, overrides)
-    for i, name in enumerate(names):
-        log(f"[{i + 1}/{len(names)}] {name}")
+    lock = threading.Lock()  # rows, the summary files and the log lines of a result
+
+    def record(i: int, name: str, metrics: dict | None, exc: BaseException | None, results_dir: str | None) -> None:
+        with lock:
+            if exc is None:
+                rows[i] = summary_row(name, metrics)
+                stale_log = os.path.join(results_dir, ERROR_LOG)
+                if os.path.exists(stale_log):
+                    os.unlink(stale_log)
+                log(format_result(metrics, results_dir))
+            else:
+                reason = one_line(exc)
+                if not _user_fixable(exc):
+                    path = os.path.join(root, name, ERROR_LOG)
+                    reports.write_text_atomic(path, "".join(traceback.format_exception(exc)))
+                    reason += f" (traceback in {path})"
+                rows[i] = failed_row(name, config, "failed", reason)
+                log(f"FAILED {name}: {reason}")
+            write_summary(root, rows)
+
+    def head(i: int, name: str, prepared) -> None:
         try:
-            exp = config.experiment(name, overrides)
-            metrics = run_experiment(exp, log=log, also_classes=later[i])
-            rows[i] = summary_row(name, metrics)
-            stale_log = os.path.join(exp.results_dir, ERROR_LOG)
-            if os.path.exists(stale_log):
-                os.unlink(stale_log)
-            log(format_result(metrics, exp.results_dir))
+            metrics = fit_and_report(prepared, log=lambda line: log(f"[{name}] {line}"))
         except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
-            reason = one_line(exc)
-            if not _user_fixable(exc):
-                path = os.path.join(root, name, ERROR_LOG)
-                reports.write_text_atomic(path, "".join(traceback.format_exception(exc)))
-                reason += f" (traceback in {path})"
-            rows[i] = failed_row(name, config, "failed", reason)
-            log(f"FAILED {name}: {reason}")
-        write_summary(root, rows)
+            record(i, name, None, exc, None)
+        else:
+            record(i, name, metrics, None, prepared.exp.results_dir)
+
+    with ThreadPoolExecutor(max_workers=HEAD_THREADS, thread_name_prefix="xray-sweep") as pool:
+        pending = []
+        try:
+            for i, name in enumerate(names):
+                log(f"[{i + 1}/{len(names)}] {name}")
+                try:
+                    exp = config.experiment(name, overrides)
+                    prepared = prepare_features(exp, log=log, also_classes=later[i])
+                except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
+                    record(i, name, None, exc, None)
+                    continue
+                pending.append(pool.submit(head, i, name, prepared))
+        except BaseException:  # e.g. Ctrl-C: experiments not started yet are not started
+            for future in pending:
+                future.cancel()
+            raise
     failed = [r["experiment"] for r in rows if r["status"] != "ok"]
     log(f"summary: {os.path.join(root, SUMMARY_MD)}, {os.path.join(root, SUMMARY_CSV)}, "
         f"{os.path.join(root, reports.SUMMARY_CHART)}")
