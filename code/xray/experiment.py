@@ -353,6 +353,7 @@ def fit_and_report(p: Prepared, log=print) -> dict:
 
     Thread-safe for different experiments on one SparkSession (a sweep runs two at a time)."""
     exp, featurizer, feats, fstats, phases = p.exp, p.featurizer, p.feats, p.fstats, p.phases
+    phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     invalid_raw = p.invalid_raw
     classes = sorted(exp.classes)
     random_weights = exp["weights"] == backbones.RANDOM
