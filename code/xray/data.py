@@ -30,6 +30,7 @@ from imagefeaturizer.images import (
 from .atomic import atomic_file
 from .errors import DataError
 
+LABEL = "label"  # the column of an image's class (its class folder's name)
 MANIFEST = ".resize-manifest.json"
 AUDIT_FILE = "data-audit.json"
 FILES_PER_TASK = 16  # the resize job's smallest share of files per Spark task
