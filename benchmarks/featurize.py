@@ -510,7 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    from xray.data import write_json_atomic as _write
+    from xray.atomic import write_json_atomic as _write
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -229,7 +229,7 @@ def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> di
     images of ``classes``, with its settings; a warm JVM, cold Python workers (as in featurize.py)."""
     from imagefeaturizer.featurizer import KerasImageFeaturizer
     from xray.config import load_config
-    from xray.experiment import load_images
+    from xray.data import load_images
     from xray.session import spark_session
 
     exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(experiment, overrides)
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_report(report)
     if args.json:
-        from xray.data import write_json_atomic
+        from xray.atomic import write_json_atomic
 
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json_atomic(args.json, report)

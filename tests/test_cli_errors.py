@@ -1,23 +1,18 @@
-"""Config, command-line and data-folder mistakes: one line on stderr, exit 2, no traceback, no Spark."""
+"""Config, command-line and data-folder mistakes: one line on stderr, exit 2, no traceback, no Spark.
+
+In-process through ``xray.cli.main`` (the fast tier); tests/test_cli.py runs such errors through
+wrapper.sh in a subprocess.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from pyspark.sql import SparkSession
 
-from conftest import CODE, ROOT, make_dataset
+from conftest import ROOT, make_dataset
+from xray.cli import main
 
 FIVE = "InceptionV3, ResNet50, VGG16, VGG19, Xception"
-
-
-def _cli(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": CODE}
-    return subprocess.run(
-        [sys.executable, "-m", "xray", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def _bad_yaml(tmp_path) -> str:
@@ -73,14 +68,20 @@ CASES = {
 }
 
 
+def _no_spark(self):
+    raise AssertionError("a SparkSession was started before the error was found")
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_one_line_error_exit_2(tmp_path, case):
+def test_one_line_error_exit_2(tmp_path, case, monkeypatch, capsys):
     make_args, fragments = CASES[case]
-    done = _cli(*make_args(tmp_path))
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    args = make_args(tmp_path)
+    monkeypatch.chdir(ROOT)  # the default config.yaml
+    monkeypatch.setattr(SparkSession.Builder, "getOrCreate", _no_spark)  # every check happens before Spark
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in lines[0]
-    assert "Traceback" not in done.stdout + done.stderr
-    assert "Spark" not in done.stdout + done.stderr  # every check happens before Spark starts

@@ -1,17 +1,14 @@
-"""Data set checks, image listing, and the incremental resize job with handleInvalid."""
+"""Class folders: listing and its one-line errors, image listing, bad-file policy, audit and the source cue."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import pytest
-from PIL import Image
 
 from conftest import make_dataset, png_bytes, xray_like
 from xray import data
-from xray.data import check_invalid, list_dataset, list_images, resize_dataset, source_cue_warning
+from xray.data import check_invalid, list_dataset, list_images, source_cue_warning
 from xray.errors import DataError
 
 # --------------------------------------------------------------------------- list_dataset
@@ -130,148 +127,6 @@ def test_list_images_errors(tmp_path, what, message):
         list_images(str(path))
 
 
-# --------------------------------------------------------------------------- resize job
-
-
-def _hash_tree(root) -> dict[str, str]:
-    """Every file and its content hash and mtime: the raw folder must never change."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(full).st_mtime_ns)
-    return out
-
-
-def _outputs(out_dir) -> set[str]:
-    return {
-        os.path.relpath(os.path.join(d, n), out_dir)
-        for d, _, names in os.walk(out_dir)
-        for n in names
-        if not n.startswith(".") and n != data.AUDIT_FILE
-    }
-
-
-def _no_spark():
-    raise AssertionError("Spark was started although nothing needed processing")
-
-
-def test_resize_is_incremental_and_never_touches_raw(spark, tmp_path):
-    raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=3)
-    (tmp_path / "raw" / "A" / "img0.jpg").write_bytes((tmp_path / "raw" / "A" / "img1.jpg").read_bytes())
-    (tmp_path / "raw" / "B" / "notes.txt").write_text("x")
-    out = tmp_path / "out"
-    kw = dict(size=40, mode="L", max_pixels=10_000, handle_invalid="error")
-    before = _hash_tree(raw)
-
-    logs: list[str] = []
-    report = resize_dataset(spark, raw, str(out), log=logs.append, **kw)
-    # a.png + a.jpg in one class get distinct outputs
-    assert _outputs(out) == {os.path.join("A", n) for n in ("img0_png.png", "img0_jpg.png", "img1.png", "img2.png")} | {
-        os.path.join("B", f"img{i}.png") for i in range(3)
-    }
-    assert dict(report.written) == {"A": 4, "B": 3} and report.invalid == {}
-    for name in _outputs(out):
-        with Image.open(out / name) as im:
-            assert (im.format, im.mode, im.size) == ("PNG", "L", (40, 40))
-    assert "A: 4 written, 0 unchanged, 0 invalid; B: 3 written, 0 unchanged, 0 invalid" in logs[-1]
-    audit = json.loads((out / data.AUDIT_FILE).read_text())
-    assert audit["classes"]["A"]["formats"] == {"PNG": 2, "JPEG": 2} and audit["classes"]["A"]["modes"] == {"L": 2, "RGB": 2}
-    assert audit["classes"]["B"]["min_size"] == [64, 60] and audit["classes"]["B"]["max_size"] == [80, 60]
-    assert audit["ignored"] == {os.path.join(raw, "B", "notes.txt"): "not an image file extension"}
-
-    # Nothing changed: nothing processed, Spark not even started.
-    report = resize_dataset(_no_spark, raw, str(out), log=logs.append, **kw)
-    assert sum(report.written.values()) == 0 and dict(report.unchanged) == {"A": 4, "B": 3}
-    assert "up to date" in logs[-2]
-
-    # One new file, one changed file, one removed file: only those are touched.
-    stamps = {n: os.stat(out / n).st_mtime_ns for n in _outputs(out)}
-    xray_like(1, 7, size=(50, 50)).save(tmp_path / "raw" / "B" / "new.png")
-    changed = tmp_path / "raw" / "A" / "img2.png"
-    xray_like(0, 99, size=(70, 70)).save(changed)
-    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
-    os.unlink(tmp_path / "raw" / "B" / "img0.png")
-    before = _hash_tree(raw)
-    report = resize_dataset(spark, raw, str(out), log=logs.append, **kw)
-    assert dict(report.written) == {"A": 1, "B": 1} and dict(report.unchanged) == {"A": 3, "B": 2}
-    assert report.removed == 1 and not (out / "B" / "img0.png").exists()
-    assert "A: 1 written, 3 unchanged, 0 invalid; B: 1 written, 2 unchanged, 0 invalid; 1 outdated output(s) removed" in logs[-1]
-    now = {n: os.stat(out / n).st_mtime_ns for n in _outputs(out)}
-    assert {n for n in now if now[n] != stamps.get(n)} == {os.path.join("A", "img2.png"), os.path.join("B", "new.png")}
-    with Image.open(out / "A" / "img2.png") as im:
-        assert im.size == (40, 40)
-    assert _hash_tree(raw) == before  # the raw folder is only read
-    assert not [n for d, _, ns in os.walk(out) for n in ns if n.startswith(".tmp-")]  # atomic writes, no leftovers
-
-    # Other settings: everything is made again, in the new size.
-    report = resize_dataset(spark, raw, str(out), log=logs.append, **{**kw, "size": 32})
-    assert sum(report.written.values()) == 7
-    with Image.open(out / "B" / "new.png") as im:
-        assert im.size == (32, 32)
-    assert data.is_resized_current(raw, str(out), 32, "L", 10_000)
-    assert not data.is_resized_current(raw, str(out), 40, "L", 10_000)
-
-
-def test_handle_invalid_error_keeps_work_done_then_skip_lists_every_file(spark, tmp_path):
-    raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=2)
-    bad = {
-        os.path.join("A", "empty.png"): ("", "empty file (0 bytes)"),
-        os.path.join("A", "text.jpg"): ("hello", "not an image (unrecognised format)"),
-        os.path.join("B", "cut.png"): ("cut", "truncated image data"),
-        os.path.join("B", "dot.png"): ("dot", "image too small: 1x1"),
-        os.path.join("B", "huge.png"): ("huge", "image too large: 200x200 = 40000 pixels > limit 10000"),
-    }
-    for rel, (kind, _) in bad.items():
-        path = tmp_path / "raw" / rel
-        if kind == "cut":
-            path.write_bytes(png_bytes(xray_like(1, 3, (64, 64)))[:300])
-        elif kind == "dot":
-            Image.new("L", (1, 1)).save(path)
-        elif kind == "huge":
-            Image.new("L", (200, 200)).save(path)  # 40000 px by its header, a few hundred bytes on disk
-        else:
-            path.write_text(kind)
-    out = tmp_path / "out"
-    kw = dict(size=32, mode="RGB", max_pixels=10_000)
-    before = _hash_tree(raw)
-
-    logs: list[str] = []
-    with pytest.raises(DataError) as info:
-        resize_dataset(spark, raw, str(out), handle_invalid="error", log=logs.append, **kw)
-    message = str(info.value)
-    assert message.startswith(f"invalid image {os.path.join(raw, 'A', 'empty.png')}: empty file (0 bytes) (and 4 more")
-    assert "handleInvalid=skip" in message and "\n" not in message
-    for rel, (_, reason) in bad.items():  # every bad file named, with its reason, before stopping
-        assert any(line.startswith(f"  invalid image {os.path.join(raw, rel)}: {reason}") for line in logs)
-    # The good files were written and recorded: nothing done is lost.
-    assert _outputs(out) == {os.path.join(c, f"img{i}.png") for c in "AB" for i in range(2)}
-    manifest = data.read_manifest(str(out))
-    assert len(manifest["files"]) == 4 and set(manifest["invalid"]) == set(bad)
-    assert json.loads((out / data.AUDIT_FILE).read_text())["classes"]["B"]["invalid"] == 3
-
-    # skip: no file is processed again; the bad ones are listed with their reasons.
-    logs.clear()
-    report = resize_dataset(_no_spark, raw, str(out), handle_invalid="skip", log=logs.append, **kw)
-    assert {rel: why[: len(bad[rel][1])] for rel, why in report.invalid.items()} == {r: v[1] for r, v in bad.items()}
-    assert sum(1 for line in logs if line.startswith("  skipped image")) == 5
-    assert "A: 0 written, 2 unchanged, 2 invalid; B: 0 written, 2 unchanged, 3 invalid" in logs[-1]
-    assert _hash_tree(raw) == before  # the raw folder is only read, bad files included
-
-    # A fixed file is picked up; the remaining bad ones stay listed.
-    xray_like(0, 5).save(tmp_path / "raw" / "A" / "empty.png")
-    report = resize_dataset(spark, raw, str(out), handle_invalid="skip", log=logs.append, **kw)
-    assert dict(report.written) == {"A": 1} and os.path.join("A", "empty.png") not in report.invalid
-    assert (out / "A" / "empty.png").is_file()
-
-
-def test_resized_dir_inside_raw_dir_is_refused(tmp_path):
-    raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=1)
-    with pytest.raises(DataError, match="is inside dataset.raw_dir"):
-        resize_dataset(_no_spark, raw, os.path.join(raw, "resized"), size=32, mode="L", max_pixels=10_000)
-
-
 def test_check_invalid():
     reasons = {os.path.join("A", "x.png"): "truncated image data", os.path.join("B", "y.png"): "empty file (0 bytes)"}
     with pytest.raises(DataError, match=r"invalid image /d/A/x.png: truncated image data \(and 1 more"):
@@ -312,27 +167,3 @@ def test_source_cue_warning():
     assert source_cue_warning(listing, entries) is None
     listing, entries = _listing({"A": [("PNG", "L")] * 95, "B": [("PNG", "L")] * 5})
     assert source_cue_warning(listing, entries) is None
-
-
-def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tmp_path):
-    from conftest import ROOT
-    from xray.config import load_config
-    from xray.experiment import run_experiment
-
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
-    (tmp_path / "raw" / "No_findings" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
-    overrides = [
-        "weights=random", f"dataset.raw_dir={raw}", f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=32", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-    ]
-    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification", overrides)
-    bad = os.path.join(raw, "No_findings", "broken.jpg")
-    # First run: the resize step names the bad file and stops; second run: the resize output is
-    # current, and the bad file recorded in its manifest still stops the run.
-    for resizes in (True, False):
-        logs: list[str] = []
-        with pytest.raises(DataError, match=f"^invalid image {bad}: .*handleInvalid=skip"):
-            run_experiment(exp, log=logs.append)
-        assert any(line.startswith("resize: ") for line in logs) == resizes
-        assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
-        assert len(_outputs(tmp_path / "resized")) == 4  # the good files were kept

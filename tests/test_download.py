@@ -227,6 +227,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_download_job(server, tmp_path):
     raw = tmp_path / "raw"
     done = _cli("run", "dataset_download", "--set", f"dataset.download_url={server.url('/data.tar.gz')}",
@@ -236,6 +237,7 @@ def test_cli_download_job(server, tmp_path):
     assert "download: 7 images in" in done.stdout
 
 
+@pytest.mark.slow
 def test_experiment_without_raw_data_downloads_first_and_fails_in_one_line(server, tmp_path):
     raw = tmp_path / "raw"
     done = _cli("run", "ResNet50_binary_classification", "--set", "weights=random",

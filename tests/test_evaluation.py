@@ -1,11 +1,11 @@
-"""Metrics, checked against values worked out by hand."""
+"""Metrics, checked against values worked out by hand and against Spark's own on the same predictions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from xray.evaluation import classification_metrics, confusion_matrix, roc_auc, wilson_interval
+from xray.evaluation import auc, classification_metrics, confusion_matrix, roc_auc, spread, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -53,3 +53,56 @@ def test_multiclass_one_vs_rest_auc():
     # class b: positive 0.5 vs negatives 0.2, 0.6, 0.1 -> 2 of 3 pairs right.
     assert m["roc"]["per_class"]["b"] == pytest.approx(2 / 3)
     assert m["roc"]["macro_auc"] == pytest.approx(np.mean(list(m["roc"]["per_class"].values())))
+
+
+def test_auc_and_spread():
+    assert auc({"roc": {"kind": "binary", "auc": 0.8}}) == 0.8
+    assert auc({"roc": {"kind": "one-vs-rest", "per_class": {}, "macro_auc": 0.7}}) == 0.7
+    assert auc({"roc": {"kind": "one-vs-rest", "per_class": {}, "macro_auc": None}}) is None
+    s = spread([0.5, None, 0.7, 0.9])
+    assert s == pytest.approx({"mean": 0.7, "std": 0.2, "min": 0.5, "max": 0.9, "n_folds": 3})
+    assert spread([0.4])["std"] == 0.0 and spread([None]) is None
+
+
+def _predictions(n: int, k: int, seed: int):
+    """Noisy predictions with tied scores: labels, predicted labels, probabilities (rows sum to 1)."""
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k)) + 1.2 * np.eye(k)[y_true]
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    prob = np.round(prob, 2)  # ties between scores, as a small test set has
+    return y_true, prob.argmax(axis=1), prob
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_metrics_agree_with_spark_on_the_same_predictions(spark, k):
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator, MulticlassClassificationEvaluator
+
+    y_true, y_pred, prob = _predictions(200, k, seed=k)
+    classes = [f"c{i}" for i in range(k)]
+    m = classification_metrics(y_true, y_pred, prob, classes)
+    rows = [(float(t), float(p), *map(float, ps)) for t, p, ps in zip(y_true, y_pred, prob)]
+    df = spark.createDataFrame(rows, ["label", "prediction", *(f"p{i}" for i in range(k))]).cache()
+
+    def multiclass(metric: str, label: int = 0) -> float:
+        return MulticlassClassificationEvaluator(metricName=metric, metricLabel=float(label)).evaluate(df)
+
+    def spark_auc(i: int) -> float:  # one-vs-rest: class i against the others, scored by its probability
+        one = df.selectExpr(f"p{i} AS score", f"CAST(label = {i} AS DOUBLE) AS positive")
+        return BinaryClassificationEvaluator(rawPredictionCol="score", labelCol="positive").evaluate(one)
+
+    assert m["accuracy"] == pytest.approx(multiclass("accuracy"))
+    recalls = [multiclass("recallByLabel", i) for i in range(k)]
+    for i, name in enumerate(classes):
+        ours = m["per_class"][name]
+        assert ours["precision"] == pytest.approx(multiclass("precisionByLabel", i))
+        assert ours["recall"] == pytest.approx(recalls[i])
+        assert ours["f1"] == pytest.approx(multiclass("fMeasureByLabel", i))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    if k == 2:
+        assert m["roc"]["auc"] == pytest.approx(spark_auc(0))
+    else:
+        aucs = [spark_auc(i) for i in range(k)]
+        assert [m["roc"]["per_class"][c] for c in classes] == pytest.approx(aucs)
+        assert m["roc"]["macro_auc"] == pytest.approx(np.mean(aucs))
+    df.unpersist()

@@ -1,104 +1,113 @@
-"""An experiment end to end through the Python API, on generated images."""
+"""The linear-probe pipeline on hand-made feature vectors (no backbone): fit, evaluate,
+cross-validate, assemble, and saving a model atomically, failures included."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 from pyspark.ml import PipelineModel
-from PIL import Image
+from pyspark.ml.feature import StringIndexer
+from pyspark.ml.linalg import Vectors, VectorUDT
+from pyspark.sql.types import StringType, StructField, StructType
 
-from conftest import ROOT
-from xray.config import load_config
-from pyspark.sql import functions as F
-
-from xray.experiment import run_experiment
+from imagefeaturizer.featurizer import KerasImageFeaturizer
+from xray import experiment
+from xray.errors import DataError
 from xray.split import with_split
 
-
-def _overrides(tmp_path, raw, *extra):
-    return [
-        "weights=random",
-        f"dataset.raw_dir={raw}",
-        f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=64",
-        f"results_dir={tmp_path / 'results'}",
-        f"cache_dir={tmp_path / 'cache'}",
-        "test_fraction=0.34",
-        "batch_size=8",
-        *extra,
-    ]
+CLASSES = ["a", "b", "c"]
+SETTINGS = {"classifier": {"regParam": 0.01, "elasticNetParam": 0.0, "maxIter": 10, "tol": 1e-6,
+                           "standardization": True}}
 
 
-@pytest.fixture(scope="module")
-def config():
-    return load_config(os.path.join(ROOT, "config.yaml"))
+def _feature_rows(spark, per_class: int = 6):
+    """Three well-separated clusters in 4 dimensions, one per class."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, cls in enumerate(CLASSES):
+        for i in range(per_class):
+            v = rng.normal(0, 0.2, 4)
+            v[k] += 3.0
+            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
+    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
+                         StructField("features", VectorUDT())])
+    return spark.createDataFrame(rows, schema)
 
 
-def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
-    exp = config.experiment("ResNet50_multiclass_classification", _overrides(tmp_path, dataset))
-    logs = []
-    m = run_experiment(exp, log=logs.append)
-
-    # The resize step ran first: one mode, one size, same layout, raw folder untouched.
-    for cls in ("Covid-19", "No_findings", "Pneumonia"):
-        outs = sorted(os.listdir(tmp_path / "resized" / cls))
-        assert len(outs) == 6
-        with Image.open(tmp_path / "resized" / cls / outs[0]) as im:
-            assert (im.mode, im.size, im.format) == ("L", (64, 64), "PNG")
-    assert any("resize" in line for line in logs)
-    assert any("NOT transfer learning" in line for line in logs)
-
-    saved = json.loads((tmp_path / "results" / exp.name / "metrics.json").read_text())
-    assert saved["accuracy"] == m["accuracy"]
-    assert saved["n_train"] + saved["n_test"] == 18 and saved["n_test"] == 6  # 2 of 6 per class
-    assert set(saved["per_class"]) == {"Covid-19", "No_findings", "Pneumonia"}
-    assert all(v["support"] == 2 for v in saved["per_class"].values())
-    assert saved["transfer_learning"] is False and saved["weights"] == "random"
-    assert saved["images_featurized"] == 18 and saved["images_per_second"] > 0
-    assert len(saved["confusion_matrix"]["rows_true_columns_predicted"]) == 3
-    assert saved["roc"]["kind"] == "one-vs-rest"
-    assert saved["data_audit"]["Covid-19"]["formats"] == {"PNG": 3, "JPEG": 3}
-    # The generated classes differ visibly; even random features separate them well above chance.
-    assert saved["accuracy"] > 0.6
-    # Where the wall time went, step by step, in order; the steps add up to (nearly) all of it.
-    phases = saved["phase_seconds"]
-    assert list(phases) == ["checks", "spark_session", "data_checks", "featurize", "waiting", "split", "fit",
-                            "evaluate", "save_model", "reports"]
-    assert all(v >= 0 for v in phases.values())
-    assert sum(phases.values()) == pytest.approx(saved["wall_seconds"], abs=0.5)
-
-    # The saved PipelineModel, applied to the test split's image files, reproduces the accuracy.
-    model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
-    images = (
-        spark.read.format("binaryFile").option("pathGlobFilter", "*.png").option("recursiveFileLookup", "true")
-        .load(str(tmp_path / "resized"))
-        .withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
-    )
-    test_rows = with_split(images, exp["seed"], exp["test_fraction"]).filter("is_test").drop("label")
-    rows = model.transform(test_rows).select("path", "predicted_label").collect()
-    assert len(rows) == 6
-    correct = sum(r.path.rsplit("/", 2)[-2] == r.predicted_label for r in rows)
-    assert correct / len(rows) == pytest.approx(saved["accuracy"])
-
-    # A second run reads every feature from the cache and reproduces the metrics exactly.
-    m2 = run_experiment(exp, log=logs.append)
-    assert m2["images_from_cache"] == 18 and m2["images_featurized"] == 0
-    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test"):
-        assert m2[key] == m[key]
-
-
-def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
-    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, dataset))
-    m = run_experiment(exp, log=lambda *_: None)
-    assert m["classes"] == ["Covid-19", "No_findings"]
-    assert m["roc"]["kind"] == "binary" and m["roc"]["auc"] is not None
-    assert m["n_train"] + m["n_test"] == 12
-    model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
+def test_fit_evaluate_assemble_and_cross_validate_on_separable_features(spark):
+    split = with_split(_feature_rows(spark), seed=1, test_fraction=0.34, cv_folds=2).cache()
+    train, test = split.filter("not is_test"), split.filter("is_test")
+    head = experiment.fit_head(train, SETTINGS, len(CLASSES))
+    assert list(head[0].labels) == CLASSES  # alphabetical: label index i is CLASSES[i]
+    assert head[1].numClasses == 3 and head[1].numFeatures == 4
+    metrics, pred = experiment.evaluate(head, test, CLASSES)
+    assert metrics["n_test"] == 6 and metrics["accuracy"] == 1.0
+    assert pred["probability"].shape == (6, 3)
+    assert np.array_equal(pred["y_pred"], pred["probability"].argmax(axis=1))
+    assert all(path.split("/")[-2] == CLASSES[y] for path, y in zip(pred["path"], pred["y_true"]))
+    model = experiment.assemble(head, KerasImageFeaturizer(inputCol="content", outputCol="features",
+                                                           modelName="ResNet50", weights="random"))
     assert [type(s).__name__ for s in model.stages] == [
-        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"
-    ]
-    assert model.stages[2].numClasses == 2
-    assert np.isfinite(m["lr_objective_history"]).all()
+        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
+    assert model.stages[3].getLabels() == CLASSES
+
+    cv = experiment.cross_validate(train, SETTINGS, CLASSES, 2)
+    assert [f["fold"] for f in cv["per_fold"]] == [0, 1]
+    assert sum(f["n_validation"] for f in cv["per_fold"]) == 12  # the folds partition the training split
+    assert all(f["n_train"] + f["n_validation"] == 12 for f in cv["per_fold"])
+    assert cv["accuracy"]["mean"] == pytest.approx(np.mean([f["accuracy"] for f in cv["per_fold"]]))
+    assert set(cv["recall"]) == set(CLASSES)
+    with pytest.raises(DataError, match=r"cv_folds=5 needs at least 5 training images per class \(a has 4, b has 4, c has 4\)"):
+        experiment.cross_validate(train, SETTINGS, CLASSES, 5)
+    split.unpersist()
+
+
+def _indexer_model(spark, labels: list[str]):
+    df = spark.createDataFrame([(x,) for x in labels], "label string")
+    return PipelineModel([StringIndexer(inputCol="label", outputCol="i", stringOrderType="alphabetAsc").fit(df)])
+
+
+class _FailingWriter:
+    """A model whose save writes part of the folder, then fails (as a full disk would)."""
+
+    def write(self):
+        return self
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.join(path, "metadata"))
+        with open(os.path.join(path, "metadata", "part-00000"), "w") as f:
+            f.write("{")
+        raise OSError(28, "No space left on device")
+
+
+def test_save_model_failures_leave_the_previous_model(spark, tmp_path, monkeypatch):
+    dest = str(tmp_path / "results" / "model")
+    experiment.save_model_atomic(_indexer_model(spark, ["x", "y"]), dest)
+
+    def labels() -> list[str]:
+        return list(PipelineModel.load(dest).stages[0].labels)
+
+    # The writer fails half-way: the previous model stays, loadable, and nothing else is left.
+    with pytest.raises(OSError, match="No space left"):
+        experiment.save_model_atomic(_FailingWriter(), dest)
+    assert labels() == ["x", "y"] and os.listdir(tmp_path / "results") == ["model"]
+
+    # The last rename fails (the old model was already moved aside): the old model is put back.
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(str(src)).startswith(".tmp-model-"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="Input/output error"):
+            experiment.save_model_atomic(_indexer_model(spark, ["p", "q", "r"]), dest)
+    assert labels() == ["x", "y"] and os.listdir(tmp_path / "results") == ["model"]
+
+    # A save that succeeds replaces it.
+    experiment.save_model_atomic(_indexer_model(spark, ["p", "q", "r"]), dest)
+    assert labels() == ["p", "q", "r"] and os.listdir(tmp_path / "results") == ["model"]

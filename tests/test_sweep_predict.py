@@ -7,7 +7,6 @@ shared by the tests; the feature cache makes every later run cheap.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -15,17 +14,18 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
-from xray import features
+from xray import progress
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
-from xray.experiment import run_experiment
-from xray.predict import normalize_image, run_predict
+from xray.predict import run_predict
+from xray.run import run_experiment
 from xray.sweep import run_sweep
+
+pytestmark = pytest.mark.slow  # every test shares a whole sweep
 
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
 FOLDS = "ResNet50_folds_classification"  # fails after featurization, on a fitting thread
@@ -64,7 +64,7 @@ def swept(spark, tmp_path_factory):
     config, overrides = _config(), _overrides(root, raw)
     logs: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(features, "PROGRESS_EVERY_S", 0.5)
+        mp.setattr(progress, "PROGRESS_EVERY_S", 0.5)
         code = run_sweep(config, "ResNet50_*", overrides, log=logs.append)
     return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs}
 
@@ -176,16 +176,6 @@ def test_predict_folder_matches_training_preprocessing(spark, swept, tmp_path, c
         cls, name = r["path"].rsplit("/", 2)[-2:]
         key = (cls, os.path.splitext(name)[0] + ".png")
         assert np.allclose([float(r[f"p_{c}"]) for c in ("Covid-19", "No_findings", "Pneumonia")], expected[key], atol=1e-5)
-
-
-def test_normalize_image_equals_resize_job_output(swept):
-    raw, resized = swept["raw"], swept["root"] / "resized"
-    for cls, name in (("Covid-19", "img1.jpg"), ("Pneumonia", "img0.png")):
-        with open(os.path.join(raw, cls, name), "rb") as f:
-            ours = normalize_image(f.read(), size=64, mode="L", max_pixels=10**6)
-        with Image.open(io.BytesIO(ours)) as a, Image.open(resized / cls / (os.path.splitext(name)[0] + ".png")) as b:
-            assert (a.mode, a.size) == (b.mode, b.size) == ("L", (64, 64))
-            assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_predict_one_file_with_a_model_folder(swept, capsys):

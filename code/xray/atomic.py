@@ -1,11 +1,16 @@
-"""Atomic file output: write next to the destination, then rename; readers never see half a file."""
+"""Atomic output, the one writer of every file and folder the app produces: write next to the
+destination, then rename. Readers see the old version or the new one, never half of one; a
+failure leaves the old version and no temporary file or folder behind."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 def _umask() -> int:
@@ -35,3 +40,41 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
 def write_text_atomic(path: str, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """JSON (indented, keys in order, anything else as ``str``) written atomically."""
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+@contextmanager
+def atomic_folder(dest: str) -> Iterator[str]:
+    """A path beside ``dest`` (not created) for the caller to write a whole folder into; on
+    success it takes the place of ``dest``. An existing ``dest`` is moved aside first and put
+    back when the swap fails, so a failure at any step leaves the old folder in place."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    token = uuid.uuid4().hex
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(dest)}-{token}")
+    old = os.path.join(parent, f".old-{os.path.basename(dest)}-{token}")
+    try:
+        yield tmp
+        _swap_in(tmp, dest, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(tmp: str, dest: str, old: str) -> None:
+    """Rename ``tmp`` to ``dest``; a folder already at ``dest`` goes to ``old`` (restored on failure)."""
+    if not os.path.exists(dest):
+        os.replace(tmp, dest)
+        return
+    os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise

@@ -7,7 +7,6 @@ Python traceback reaches the terminal for those.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .config import load_config
@@ -73,46 +72,21 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiment import run_experiment, run_resize
+    from .download import run_download
+    from .reports import format_result
+    from .resize import run_resize
+    from .run import run_experiment
 
     exp = load_config(args.config).experiment(args.experiment, args.overrides)
     if exp.job == "resize":
         run_resize(exp)
         return 0
     if exp.job == "download":
-        from .download import run_download
-
         run_download(exp)
         return 0
     metrics = run_experiment(exp)
     print(format_result(metrics, exp.results_dir))
     return 0
-
-
-def format_result(m: dict, results_dir: str) -> str:
-    lo, hi = m["accuracy_ci95"]
-    lines = [
-        f"{m['experiment']}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_test']} test images"
-        f" ({m['n_train']} train), weights={m['weights']}"
-        + ("" if m["transfer_learning"] else " [random weights: NOT transfer learning]"),
-    ]
-    for cls, v in m["per_class"].items():
-        lines.append(f"  recall {cls}: {v['recall']:.3f} (precision {v['precision']:.3f}, support {v['support']})")
-    rate = m.get("images_per_second")
-    lines.append(
-        f"  featurization: {m['images_featurized']} images in {m['featurization_seconds']:.1f} s"
-        + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
-        + f"; {m['images_from_cache']} from cache"
-    )
-    cv = m.get("cross_validation")
-    if cv:
-        acc = cv["accuracy"]
-        lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
-                     f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
-    lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
-    if m.get("reports"):
-        lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
-    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-from .data import write_json_atomic
+from .atomic import write_json_atomic
 from .errors import UserError
 
 HOST = "127.0.0.1"

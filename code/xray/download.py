@@ -58,24 +58,12 @@ def download_dataset(
     case ``raw_dir`` is not created.
     """
     raw_dir = os.path.abspath(raw_dir)
-    if os.path.exists(raw_dir) and (not os.path.isdir(raw_dir) or os.listdir(raw_dir)):
-        try:
-            listing = list_dataset(raw_dir)
-        except DataError:
-            raise DataError(
-                f"{raw_dir} exists and is not a data set: remove it or set dataset.raw_dir to a new "
-                f"folder before downloading"
-            ) from None
-        log(f"download: {raw_dir} already holds {listing.count} images in {len(listing.files)} classes: nothing to do")
-        return listing
-
+    existing = _existing_data_set(raw_dir, log)
+    if existing is not None:
+        return existing
     parent = os.path.dirname(raw_dir)
     created = _missing_ancestors(parent)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(raw_dir)}.download-")
-    except OSError as exc:
-        raise DataError(f"cannot create a download folder in {parent}: {exc.strerror or exc}: choose another dataset.raw_dir") from None
+    work = _work_folder(parent, raw_dir)
     try:
         archive = os.path.join(work, "archive")
         digest = fetch(url, archive, timeout=timeout, progress_every=progress_every, log=log)
@@ -84,23 +72,7 @@ def download_dataset(
                 f"the archive from {url} has SHA-256 {digest}, expected {sha256}: the file changed or is "
                 f"damaged; fix dataset.download_sha256, {ALTERNATIVE}"
             )
-        unpacked = os.path.join(work, "unpacked")
-        unpack(archive, unpacked, url)
-        os.unlink(archive)
-        source = find_folder(unpacked, subdir, url)
-        try:
-            list_dataset(source)
-        except DataError:
-            raise DataError(
-                f"folder {subdir!r} of the archive from {url} does not hold one folder per class with "
-                f"images: check dataset.download_subdir, {ALTERNATIVE}"
-            ) from None
-        if os.path.isdir(raw_dir):
-            os.rmdir(raw_dir)  # empty (checked above): the rename replaces it
-        try:
-            os.rename(source, raw_dir)
-        except OSError as exc:
-            raise DataError(f"cannot move the downloaded data set to {raw_dir}: {exc.strerror or exc}") from None
+        _move_into_place(_unpacked_data_set(archive, work, subdir, url), raw_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         for folder in reversed(created):
@@ -114,6 +86,56 @@ def download_dataset(
     counts = ", ".join(f"{cls}: {len(rels)}" for cls, rels in listing.files.items())
     log(f"download: {listing.count} images in {raw_dir} ({counts})")
     return listing
+
+
+def _existing_data_set(raw_dir: str, log: Callable[[str], None]) -> Listing | None:
+    """The listing of a data set already in ``raw_dir`` (None: empty or missing; a folder of
+    something else is an error: it is never replaced)."""
+    if not os.path.exists(raw_dir) or (os.path.isdir(raw_dir) and not os.listdir(raw_dir)):
+        return None
+    try:
+        listing = list_dataset(raw_dir)
+    except DataError:
+        raise DataError(
+            f"{raw_dir} exists and is not a data set: remove it or set dataset.raw_dir to a new "
+            f"folder before downloading"
+        ) from None
+    log(f"download: {raw_dir} already holds {listing.count} images in {len(listing.files)} classes: nothing to do")
+    return listing
+
+
+def _work_folder(parent: str, raw_dir: str) -> str:
+    """A temporary folder beside ``raw_dir`` (same file system: the final step is a rename)."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(raw_dir)}.download-")
+    except OSError as exc:
+        raise DataError(f"cannot create a download folder in {parent}: {exc.strerror or exc}: choose another dataset.raw_dir") from None
+
+
+def _unpacked_data_set(archive: str, work: str, subdir: str, url: str) -> str:
+    """Unpack ``archive`` inside ``work``; the folder ``subdir`` in it, checked to hold class folders."""
+    unpacked = os.path.join(work, "unpacked")
+    unpack(archive, unpacked, url)
+    os.unlink(archive)
+    source = find_folder(unpacked, subdir, url)
+    try:
+        list_dataset(source)
+    except DataError:
+        raise DataError(
+            f"folder {subdir!r} of the archive from {url} does not hold one folder per class with "
+            f"images: check dataset.download_subdir, {ALTERNATIVE}"
+        ) from None
+    return source
+
+
+def _move_into_place(source: str, raw_dir: str) -> None:
+    if os.path.isdir(raw_dir):
+        os.rmdir(raw_dir)  # empty (checked before downloading): the rename replaces it
+    try:
+        os.rename(source, raw_dir)
+    except OSError as exc:
+        raise DataError(f"cannot move the downloaded data set to {raw_dir}: {exc.strerror or exc}") from None
 
 
 def _missing_ancestors(folder: str) -> list[str]:

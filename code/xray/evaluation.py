@@ -1,4 +1,5 @@
-"""Metrics from test-set predictions: plain numpy, no Spark, so every number can be checked."""
+"""Metrics from test-set predictions: plain numpy, no Spark, so every number can be checked
+(tests/test_evaluation.py checks them against Spark's own evaluators on the same predictions)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def classification_metrics(
     """Accuracy with its 95% interval, per-class precision/recall/F1/support, confusion matrix, AUC.
 
     ``y_true``/``y_pred`` are class indices into ``classes``; ``probabilities`` is (n, k).
-    AUC is binary (positive = the first class of the task... see ``positive``) for two classes and
+    AUC is binary (positive class: the first class of the task) for two classes and
     one-vs-rest per class (with their macro mean) for more.
     """
     y_true = np.asarray(y_true, dtype=int)
@@ -93,4 +94,26 @@ def classification_metrics(
         "per_class": per_class,
         "confusion_matrix": {"labels": list(classes), "rows_true_columns_predicted": cm.tolist()},
         "roc": roc,
+    }
+
+
+def auc(m: dict) -> float | None:
+    """The AUC of a metrics dict (of :func:`classification_metrics`): binary, or the macro
+    one-vs-rest AUC for more classes; None when it is not defined."""
+    roc = m.get("roc", {})
+    return roc.get("auc") if roc.get("kind") == "binary" else roc.get("macro_auc")
+
+
+def spread(values: list[float | None]) -> dict | None:
+    """Mean, standard deviation (ddof=1), min and max of the known values (None: no value known)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    arr = np.asarray(known, dtype=float)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n_folds": len(known),
     }

@@ -2,7 +2,8 @@
 
 The saved ``PipelineModel`` of an experiment (``results/<experiment>/model``) is loaded in this
 process and applied to image files read with Spark's ``binaryFile`` source. Each image is first
-normalised exactly as the resize job normalised the training images (one mode, one square size,
+normalised exactly as the resize job normalised the training images (the same
+:func:`xray.resize.normalize_image`) (one mode, one square size,
 settings read from the ``config.json`` snapshot beside the model), so a new image reaches the
 backbone the way the training images did. One line per image is printed (path, predicted class,
 probability of each class) and the same rows are written to a CSV.
@@ -20,25 +21,19 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from imagefeaturizer.images import InvalidImageError, decode_to_pil, resize_pil
+from imagefeaturizer.images import InvalidImageError
 
-from . import data, reports
+from .atomic import write_text_atomic
 from .config import Config, ConfigError, Experiment
+from .data import list_images
 from .errors import DataError
 from .evaluation import wilson_interval
-from .features import Progress
+from .progress import Progress
+from .resize import normalize_image
 from .session import spark_session
 
 PREDICTIONS = "predictions.csv"
 _GLOB_CHARS = "\\[]{}*?"
-
-
-def normalize_image(data_bytes: bytes, *, size: int, mode: str, max_pixels: int, origin: str | None = None) -> bytes:
-    """Image bytes as the resize job writes them: decoded, in ``mode``, ``size`` x ``size``, PNG."""
-    image = resize_pil(decode_to_pil(data_bytes, max_pixels=max_pixels, origin=origin, mode=mode), (size, size))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _normalize_udf(size: int, mode: str, max_pixels: int):
@@ -190,18 +185,8 @@ def run_predict(config: Config, target: str, images_path: str, output: str | Non
     """
     overrides = list(overrides)
     model_dir, exp = resolve_model(config, target, overrides)
-    paths = data.list_images(images_path)
-    snapshot = _snapshot(model_dir)
-    if exp is None:
-        # Spark settings come from the config: the snapshot's experiment, else any experiment entry.
-        name = snapshot["experiment"] if snapshot and snapshot.get("experiment") in config.names else None
-        name = name or next((n for n in config.names if config.entries[n].get("job", "experiment") == "experiment"), None)
-        if name is None:
-            raise ConfigError(f"{config.path} defines no experiment to take Spark settings from")
-        exp = config.experiment(name, overrides)
-    trained = snapshot["settings"] if snapshot else exp.settings
-    if snapshot is None:
-        log(f"note: no config.json beside {model_dir}: normalising images with dataset.image_size and mode from {config.path}")
+    paths = list_images(images_path)
+    exp, trained = _settings(config, model_dir, exp, overrides, log)
     size, mode = trained["dataset"]["image_size"], trained["dataset"]["mode"]
     max_pixels = trained.get("max_image_pixels", exp["max_image_pixels"])
 
@@ -211,10 +196,43 @@ def run_predict(config: Config, target: str, images_path: str, output: str | Non
     log(f"predicting {len(paths)} image(s) with {model_dir} (classes {', '.join(classes)}; images normalised to "
         f"{size}x{size}, mode {mode}, as in training)")
     table = predict_images(spark, model, paths, size=size, mode=mode, max_pixels=max_pixels, log=log)
-    table.insert(1, "folder_class", [os.path.basename(os.path.dirname(p)) if os.path.basename(os.path.dirname(p)) in classes else ""
-                                     for p in table["path"]])
+    table.insert(1, "folder_class", [_folder_class(p, classes) for p in table["path"]])
     table["path"] = [_display(p, images_path) for p in table["path"]]
+    _print_rows(table, classes)
+    dest = output or os.path.join(os.path.dirname(model_dir), PREDICTIONS)
+    _write_csv(table, dest)
+    _log_summary(table, classes, model_dir, log)
+    log(f"predictions: {dest}")
+    failed = int(table["error"].notna().sum())
+    if failed:
+        log(f"{failed} image(s) could not be classified (ERROR lines above)")
+        return 1
+    return 0
 
+
+def _settings(config: Config, model_dir: str, exp: Experiment | None, overrides: list[str],
+              log: Callable[[str], object]) -> tuple[Experiment, dict]:
+    """(the experiment whose Spark settings this run uses, the settings the model was trained with)."""
+    snapshot = _snapshot(model_dir)
+    if exp is None:
+        # Spark settings come from the config: the snapshot's experiment, else any experiment entry.
+        name = snapshot["experiment"] if snapshot and snapshot.get("experiment") in config.names else None
+        name = name or next((n for n in config.names if config.entries[n].get("job", "experiment") == "experiment"), None)
+        if name is None:
+            raise ConfigError(f"{config.path} defines no experiment to take Spark settings from")
+        exp = config.experiment(name, overrides)
+    if snapshot is None:
+        log(f"note: no config.json beside {model_dir}: normalising images with dataset.image_size and mode from {config.path}")
+    return exp, snapshot["settings"] if snapshot else exp.settings
+
+
+def _folder_class(path: str, classes: list[str]) -> str:
+    """The class named by the image's folder, or "" when the folder is not named after a class."""
+    folder = os.path.basename(os.path.dirname(path))
+    return folder if folder in classes else ""
+
+
+def _print_rows(table: pd.DataFrame, classes: list[str]) -> None:
     for row in table.to_dict("records"):
         if row["error"]:
             print(f"{row['path']}\tERROR\t{row['error']}")
@@ -222,29 +240,28 @@ def run_predict(config: Config, target: str, images_path: str, output: str | Non
             probs = "\t".join(f"{c}={row[f'p_{c}']:.3f}" for c in classes)
             print(f"{row['path']}\t{row['predicted_class']}\t{probs}")
 
-    dest = output or os.path.join(os.path.dirname(model_dir), PREDICTIONS)
+
+def _write_csv(table: pd.DataFrame, dest: str) -> None:
     buf = io.StringIO()
     table.to_csv(buf, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, float_format="%.6f")
-    reports.write_text_atomic(dest, buf.getvalue())
+    write_text_atomic(dest, buf.getvalue())
 
+
+def _log_summary(table: pd.DataFrame, classes: list[str], model_dir: str, log: Callable[[str], object]) -> None:
+    """Counts per class; accuracy against the class folder names beside the test accuracy reported."""
     ok = table[table["error"].isna()]
     counts = ok["predicted_class"].value_counts()
     log(f"{len(ok)} of {len(table)} image(s) classified: " + ", ".join(f"{c} {int(counts.get(c, 0))}" for c in classes))
     labelled = ok[ok["folder_class"] != ""]
-    if len(labelled):
-        correct = int((labelled["predicted_class"] == labelled["folder_class"]).sum())
-        lo, hi = wilson_interval(correct, len(labelled))
-        line = (f"accuracy against the class folder names: {correct / len(labelled):.3f} (95% CI {lo:.3f}-{hi:.3f}) "
-                f"on {len(labelled)} image(s)")
-        reported = _reported_test_accuracy(model_dir)
-        if reported:
-            rlo, rhi = reported["ci95"]
-            line += (f"; the run reported test accuracy {reported['accuracy']:.3f} (95% CI {rlo:.3f}-{rhi:.3f}) "
-                     f"on {reported['n_test']} image(s)")
-        log(line)
-    log(f"predictions: {dest}")
-    failed = int(table["error"].notna().sum())
-    if failed:
-        log(f"{failed} image(s) could not be classified (ERROR lines above)")
-        return 1
-    return 0
+    if not len(labelled):
+        return
+    correct = int((labelled["predicted_class"] == labelled["folder_class"]).sum())
+    lo, hi = wilson_interval(correct, len(labelled))
+    line = (f"accuracy against the class folder names: {correct / len(labelled):.3f} (95% CI {lo:.3f}-{hi:.3f}) "
+            f"on {len(labelled)} image(s)")
+    reported = _reported_test_accuracy(model_dir)
+    if reported:
+        rlo, rhi = reported["ci95"]
+        line += (f"; the run reported test accuracy {reported['accuracy']:.3f} (95% CI {rlo:.3f}-{rhi:.3f}) "
+                 f"on {reported['n_test']} image(s)")
+    log(line)

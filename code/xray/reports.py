@@ -1,133 +1,29 @@
-"""Charts and text outputs of experiments and sweeps, each written atomically.
+"""What experiments and sweeps report besides the model: the files and lines people read.
 
-Per experiment: ``confusion_matrix.png``, ``roc.png``, ``learning_curve.png`` (the
-LogisticRegression objective per iteration) and ``config.json``; per sweep: ``summary.png``.
-Charts use matplotlib's Agg renderer through ``matplotlib.figure.Figure`` (no pyplot, no display,
-no global state); matplotlib is imported only when a chart is drawn.
+Per experiment: the charts (:mod:`xray.charts`), ``config.json`` (the settings the model was
+trained with; ``predict`` reads it) and the result lines printed at the end. Per sweep:
+``summary.md``, ``summary.csv`` and ``summary.png``, one row per experiment. Every file is
+written atomically.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_file, write_text_atomic  # noqa: F401 - write_text_atomic used by sweep/predict
-from .data import write_json_atomic
-from .evaluation import roc_curve
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from .atomic import write_json_atomic, write_text_atomic
+from .charts import confusion_matrix_chart, learning_curve_chart, roc_chart, summary_chart
+from .evaluation import auc
 
 CONFUSION_MATRIX, ROC, LEARNING_CURVE, CONFIG = "confusion_matrix.png", "roc.png", "learning_curve.png", "config.json"
-SUMMARY_CHART = "summary.png"
-_TASK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+SUMMARY_MD, SUMMARY_CSV, SUMMARY_CHART = "summary.md", "summary.csv", "summary.png"
 
 
-def _figure(width: float, height: float) -> "Figure":
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def save_figure_atomic(fig: "Figure", path: str) -> None:
-    """Save a figure as PNG next to ``path``, then rename it into place."""
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png")
-
-
-def _subtitle(m: dict) -> str:
-    lo, hi = m["accuracy_ci95"]
-    text = f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), {m['n_test']} test images"
-    if not m.get("transfer_learning", True):
-        text += "\nweights=random: untrained backbone, NOT transfer learning"
-    return text
-
-
-def confusion_matrix_chart(m: dict, path: str) -> "Figure":
-    """Counts and row percentages (recall of each true class), class names on both axes."""
-    labels = m["confusion_matrix"]["labels"]
-    cm = np.asarray(m["confusion_matrix"]["rows_true_columns_predicted"], dtype=float)
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    k = len(labels)
-    fig = _figure(2.2 + 1.6 * k, 1.9 + 1.4 * k)
-    ax = fig.subplots()
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=12,
-                    color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(k), labels)
-    ax.set_yticks(range(k), labels, rotation=90, va="center")
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
-    ax.set_title(f"{m['experiment']}: confusion matrix (test set)\n{_subtitle(m)}", fontsize=10)
-    fig.colorbar(image, ax=ax, label="share of the true class (row)")
-    save_figure_atomic(fig, path)
-    return fig
-
-
-def roc_chart(m: dict, y_true: np.ndarray, probability: np.ndarray, path: str) -> "Figure":
-    """ROC of the positive class (two classes) or one curve per class, one vs rest (more)."""
-    classes = m["classes"]
-    y_true = np.asarray(y_true, dtype=int)
-    probability = np.asarray(probability, dtype=float).reshape(len(y_true), len(classes))
-    fig = _figure(6.4, 5.6)
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance (AUC 0.5)")
-    shown = [0] if len(classes) == 2 else range(len(classes))
-    for i in shown:
-        positives = y_true == i
-        name = classes[i]
-        if positives.all() or not positives.any():
-            ax.plot([], [], " ", label=f"{name}: not defined (test set lacks positives or negatives)")
-            continue
-        fpr, tpr = roc_curve(probability[:, i], positives)
-        auc = float(np.trapezoid(tpr, fpr))
-        label = f"{name} (positive class), AUC {auc:.3f}" if len(classes) == 2 else f"{name} vs rest, AUC {auc:.3f}"
-        ax.plot(fpr, tpr, drawstyle="default", linewidth=2, color=_TASK_COLOURS[i % len(_TASK_COLOURS)], label=label)
-    kind = "binary" if len(classes) == 2 else "one vs rest"
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(f"{m['experiment']}: ROC ({kind}, test set)\n{_subtitle(m)}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    save_figure_atomic(fig, path)
-    return fig
-
-
-def learning_curve_chart(m: dict, path: str) -> "Figure":
-    """The LogisticRegression objective (loss + regularization) at each L-BFGS iteration."""
-    history = np.asarray(m.get("lr_objective_history") or [], dtype=float)
-    fig = _figure(6.4, 4.4)
-    ax = fig.subplots()
-    if len(history):
-        ax.plot(np.arange(len(history)), history, marker="." if len(history) < 60 else None, linewidth=1.5)
-        if (history > 0).all() and history.max() / history.min() > 20:
-            ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no objective history recorded", ha="center", va="center", transform=ax.transAxes)
-    clf = m.get("config", {}).get("classifier", {})
-    iterations = m.get("lr_iterations")
-    note = f"{iterations} iterations" if iterations is not None else ""
-    if clf and iterations is not None and iterations >= clf.get("maxIter", float("inf")):
-        note += f": stopped at maxIter={clf['maxIter']} before reaching tol={clf.get('tol')}"
-    elif clf:
-        note += f" (maxIter {clf.get('maxIter')}, tol {clf.get('tol')}, regParam {clf.get('regParam')})"
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("Iteration (L-BFGS)")
-    ax.set_ylabel("Objective: log loss + regularization")
-    ax.set_title(f"{m['experiment']}: LogisticRegression training objective\n{note}", fontsize=10)
-    ax.grid(alpha=0.3)
-    save_figure_atomic(fig, path)
-    return fig
+# --------------------------------------------------------------------------- one experiment
 
 
 def write_experiment_reports(results_dir: str, m: dict, y_true: np.ndarray, probability: np.ndarray) -> dict[str, str]:
@@ -140,73 +36,140 @@ def write_experiment_reports(results_dir: str, m: dict, y_true: np.ndarray, prob
     return {"confusion_matrix": CONFUSION_MATRIX, "roc": ROC, "learning_curve": LEARNING_CURVE, "config": CONFIG}
 
 
-def summary_chart(rows: list[dict[str, Any]], path: str) -> "Figure":
-    """Grouped bars: backbone on x, one bar per task; test accuracy with its 95% interval and AUC.
+def format_result(m: dict, results_dir: str) -> str:
+    """What a finished experiment prints: accuracy, recall per class, featurization, where the files are."""
+    lo, hi = m["accuracy_ci95"]
+    lines = [
+        f"{m['experiment']}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_test']} test images"
+        f" ({m['n_train']} train), weights={m['weights']}"
+        + ("" if m["transfer_learning"] else " [random weights: NOT transfer learning]"),
+    ]
+    for cls, v in m["per_class"].items():
+        lines.append(f"  recall {cls}: {v['recall']:.3f} (precision {v['precision']:.3f}, support {v['support']})")
+    rate = m.get("images_per_second")
+    lines.append(
+        f"  featurization: {m['images_featurized']} images in {m['featurization_seconds']:.1f} s"
+        + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
+        + f"; {m['images_from_cache']} from cache"
+    )
+    cv = m.get("cross_validation")
+    if cv:
+        acc = cv["accuracy"]
+        lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
+                     f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
+    lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
+    if m.get("reports"):
+        lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
+    return "\n".join(lines)
 
-    ``rows`` are sweep summary rows (keys experiment, model, task, status, accuracy, ci95_low,
-    ci95_high, auc, majority_baseline). Failed experiments show as an empty bar marked "failed".
-    """
-    from matplotlib.patches import Patch
 
-    tasks = list(dict.fromkeys(r["task"] or "?" for r in rows))
-    seen: set[tuple] = set()
-    cells: dict[tuple[str, str], dict] = {}
+# --------------------------------------------------------------------------- a sweep
+
+
+def summary_row(name: str, m: dict) -> dict[str, Any]:
+    """One summary row of a finished experiment's metrics."""
+    cv = m.get("cross_validation") or {}
+    supports = [v["support"] for v in m["per_class"].values()]
+    return {
+        "experiment": name,
+        "model": m["model"],
+        "task": m["task"],
+        "status": "ok",
+        "accuracy": m["accuracy"],
+        "ci95_low": m["accuracy_ci95"][0],
+        "ci95_high": m["accuracy_ci95"][1],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "recall": {c: v["recall"] for c, v in m["per_class"].items()},
+        "auc": auc(m),
+        "majority_baseline": max(supports) / sum(supports) if sum(supports) else None,
+        "cv_folds": cv.get("folds"),
+        "cv_accuracy_mean": (cv.get("accuracy") or {}).get("mean"),
+        "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
+        "n_train": m["n_train"],
+        "n_test": m["n_test"],
+        "weights": m["weights"],
+        "featurization_seconds": m["featurization_seconds"],
+        "images_featurized": m["images_featurized"],
+        "images_from_cache": m["images_from_cache"],
+        "images_per_second": m["images_per_second"],
+        "images_per_second_source": m["images_per_second_source"],
+        "data_warning": m.get("data_warning"),
+        "error": None,
+    }
+
+
+def failed_row(name: str, model: str | None, task: str | None, status: str, reason: str | None) -> dict[str, Any]:
+    """The summary row of an experiment that failed (or has not run yet)."""
+    return {"experiment": name, "model": model, "task": task, "status": status, "recall": {}, "error": reason}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """A row per experiment; recall columns for the union of the classes."""
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
+    columns = ["experiment", "model", "task", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
+               *(f"recall_{c}" for c in classes), "auc", "majority_baseline", "cv_folds", "cv_accuracy_mean",
+               "cv_accuracy_std", "n_train", "n_test", "weights", "featurization_seconds", "images_featurized",
+               "images_from_cache", "images_per_second", "images_per_second_source", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
     for r in rows:
-        key = (r["model"] or r["experiment"], r["task"] or "?")
-        if key in seen:  # two experiments with the same model and task: label by experiment
-            key = (r["experiment"], key[1])
-        seen.add(key)
-        cells[key] = r
-    groups = list(dict.fromkeys(k[0] for k in cells))
-    width = 0.8 / max(1, len(tasks))
-    weights = sorted({str(r.get("weights")) for r in rows if r.get("weights")})
-    fig = _figure(max(7.0, 1.5 * len(groups) + 3), 8.2)
-    ax_acc, ax_auc = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
-    x = np.arange(len(groups))
-    handles: list = []
-    for t, task in enumerate(tasks):
-        colour = _TASK_COLOURS[t % len(_TASK_COLOURS)]
-        offset = (t - (len(tasks) - 1) / 2) * width
-        for g, group in enumerate(groups):
-            r = cells.get((group, task))
-            if r is None:
-                continue
-            pos = x[g] + offset
-            if r["status"] != "ok":
-                for ax in (ax_acc, ax_auc):
-                    ax.bar(pos, 1.0, width * 0.95, fill=False, hatch="//", edgecolor=colour)
-                    ax.text(pos, 0.5, "failed", rotation=90, ha="center", va="center", fontsize=9)
-                continue
-            acc, lo, hi = r["accuracy"], r["ci95_low"], r["ci95_high"]
-            ax_acc.bar(pos, acc, width * 0.95, color=colour, yerr=[[acc - lo], [hi - acc]], capsize=4,
-                       error_kw={"elinewidth": 1.2, "ecolor": "black"})
-            ax_acc.text(pos, hi + 0.01, f"{acc:.2f}", ha="center", va="bottom", fontsize=8)
-            if r.get("auc") is not None:
-                ax_auc.bar(pos, r["auc"], width * 0.95, color=colour)
-                ax_auc.text(pos, r["auc"] + 0.01, f"{r['auc']:.2f}", ha="center", va="bottom", fontsize=8)
-        handles.append(Patch(color=colour, label=task))
-        baselines = [r["majority_baseline"] for r in rows
-                     if (r["task"] or "?") == task and r["status"] == "ok" and r.get("majority_baseline") is not None]
-        if baselines:
-            handles.append(ax_acc.axhline(max(baselines), color=colour, linestyle="--", linewidth=1,
-                                          label=f"{task}: majority-class baseline {max(baselines):.2f}"))
-    ax_auc.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax_acc.set_ylim(0, 1.12)
-    ax_auc.set_ylim(0, 1.12)
-    ax_acc.set_ylabel("Test accuracy (bars: 95% CI)")
-    ax_auc.set_ylabel("ROC AUC\n(binary; macro one-vs-rest)")
-    ax_auc.set_xticks(x, groups)
-    ax_auc.set_xlabel("Backbone")
-    for ax in (ax_acc, ax_auc):
-        ax.grid(axis="y", alpha=0.3)
-    if any(r["status"] != "ok" for r in rows):
-        handles.append(Patch(fill=False, hatch="//", label="failed (see summary.md)"))
-    fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncol=min(3, len(handles)))
-    title = "Backbones compared on each task: test accuracy and ROC AUC"
-    if weights:
-        title += f"\nweights={', '.join(weights)}"
-        if "random" in weights:
-            title += " (random: untrained backbones, NOT transfer learning)"
-    fig.suptitle(title, fontsize=11)
-    save_figure_atomic(fig, path)
-    return fig
+        flat = {**r, **{f"recall_{c}": v for c, v in r.get("recall", {}).items()}}
+        writer.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The human summary: one table row per experiment, then failures and notes."""
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
+    head = ["experiment", "model", "task", "accuracy (95% CI)", *(f"recall {c}" for c in classes), "AUC",
+            "cv accuracy", "test n", "featurization s", "images/s"]
+    lines = ["# Sweep summary", "",
+             "Test accuracy with its 95% Wilson interval on the held-out split; AUC is binary (positive class: the "
+             "first class of the task) or the macro mean of one-vs-rest AUCs; cv accuracy is mean ± std over the "
+             "folds of the training split when cv_folds > 1.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["experiment"], _fmt(r["model"]), _fmt(r["task"]), r["status"].upper()] + [""] * (len(head) - 4)
+        else:
+            cv = (f"{r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f} ({r['cv_folds']} folds)"
+                  if r.get("cv_accuracy_mean") is not None else "")
+            rate = r.get("images_per_second")
+            cells = [r["experiment"], r["model"], r["task"],
+                     f"{r['accuracy']:.3f} ({r['ci95_low']:.3f}-{r['ci95_high']:.3f})",
+                     *(_fmt(r["recall"].get(c)) for c in classes), _fmt(r["auc"]), cv, str(r["n_test"]),
+                     f"{r['featurization_seconds']:.1f}",
+                     f"{rate:.1f}" + (" (cached)" if r["images_per_second_source"] == "cache" else "") if rate else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    pending = [r for r in rows if r["status"] == "not run"]
+    if failed:
+        lines += ["", "## Failed", ""] + [f"- {r['experiment']}: {r['error']}" for r in failed]
+    if pending:
+        lines += ["", "## Not run", "", "The sweep stopped before these: " + ", ".join(r["experiment"] for r in pending)]
+    notes = []
+    if any(r.get("weights") == "random" for r in rows):
+        notes.append("weights=random: features come from untrained backbones; this is NOT transfer learning.")
+    for warning in dict.fromkeys(r["data_warning"] for r in rows if r.get("data_warning")):
+        notes.append(warning)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "Per experiment: results/<experiment>/metrics.json, confusion_matrix.png, roc.png, "
+              "learning_curve.png, config.json; chart of this table: summary.png.", ""]
+    return "\n".join(lines)
+
+
+def write_summary(results_root: str, rows: list[dict]) -> None:
+    """summary.md, summary.csv and summary.png under ``results_root``, each atomically."""
+    write_text_atomic(os.path.join(results_root, SUMMARY_MD), summary_markdown(rows))
+    write_text_atomic(os.path.join(results_root, SUMMARY_CSV), summary_csv(rows))
+    summary_chart(rows, os.path.join(results_root, SUMMARY_CHART))

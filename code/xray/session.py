@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import zipfile
 
 from pyspark.sql import SparkSession
@@ -74,10 +75,24 @@ def spark_session(settings: dict) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
-    if not is_local(master) and not getattr(spark.sparkContext, "_xray_code_shipped", False):
+    if not is_local(master):
+        ship_code(spark.sparkContext)
+    return spark
+
+
+_shipped: set[str] = set()  # applicationIds of the SparkContexts that have the code zip
+_shipping = threading.Lock()
+
+
+def ship_code(sc) -> bool:
+    """Add the project's code zip to ``sc`` once per application (a session reused by later
+    experiments, or by a sweep's threads, ships nothing again); True when it shipped now."""
+    with _shipping:
+        if sc.applicationId in _shipped:
+            return False
         # Spark serves the file from this folder while the application runs.
         folder = tempfile.mkdtemp(prefix="xray-code-")
         atexit.register(shutil.rmtree, folder, True)
-        spark.sparkContext.addPyFile(code_zip(folder))
-        spark.sparkContext._xray_code_shipped = True
-    return spark
+        sc.addPyFile(code_zip(folder))
+        _shipped.add(sc.applicationId)
+        return True

@@ -1,0 +1,215 @@
+"""Charts of experiments and sweeps, each written atomically as PNG.
+
+Per experiment: the confusion matrix, the ROC curve(s) and the learning curve (the
+LogisticRegression objective per iteration); per sweep: the backbones side by side.
+Charts use matplotlib's Agg renderer through ``matplotlib.figure.Figure`` (no pyplot, no display,
+no global state); matplotlib is imported only when a chart is drawn.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .atomic import atomic_file
+from .evaluation import roc_auc, roc_curve
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_TASK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def _figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def save_figure_atomic(fig: "Figure", path: str) -> None:
+    """Save a figure as PNG next to ``path``, then rename it into place."""
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png")
+
+
+def _subtitle(m: dict) -> str:
+    lo, hi = m["accuracy_ci95"]
+    text = f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), {m['n_test']} test images"
+    if not m.get("transfer_learning", True):
+        text += "\nweights=random: untrained backbone, NOT transfer learning"
+    return text
+
+
+def confusion_matrix_chart(m: dict, path: str) -> "Figure":
+    """Counts and row percentages (recall of each true class), class names on both axes."""
+    labels = m["confusion_matrix"]["labels"]
+    cm = np.asarray(m["confusion_matrix"]["rows_true_columns_predicted"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(labels)
+    fig = _figure(2.2 + 1.6 * k, 1.9 + 1.4 * k)
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=12,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), labels)
+    ax.set_yticks(range(k), labels, rotation=90, va="center")
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    ax.set_title(f"{m['experiment']}: confusion matrix (test set)\n{_subtitle(m)}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="share of the true class (row)")
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def roc_chart(m: dict, y_true: np.ndarray, probability: np.ndarray, path: str) -> "Figure":
+    """ROC of the positive class (two classes) or one curve per class, one vs rest (more)."""
+    classes = m["classes"]
+    y_true = np.asarray(y_true, dtype=int)
+    probability = np.asarray(probability, dtype=float).reshape(len(y_true), len(classes))
+    fig = _figure(6.4, 5.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance (AUC 0.5)")
+    shown = [0] if len(classes) == 2 else range(len(classes))
+    for i in shown:
+        positives = y_true == i
+        name = classes[i]
+        if positives.all() or not positives.any():
+            ax.plot([], [], " ", label=f"{name}: not defined (test set lacks positives or negatives)")
+            continue
+        fpr, tpr = roc_curve(probability[:, i], positives)
+        auc = roc_auc(probability[:, i], positives)
+        label = f"{name} (positive class), AUC {auc:.3f}" if len(classes) == 2 else f"{name} vs rest, AUC {auc:.3f}"
+        ax.plot(fpr, tpr, drawstyle="default", linewidth=2, color=_TASK_COLOURS[i % len(_TASK_COLOURS)], label=label)
+    kind = "binary" if len(classes) == 2 else "one vs rest"
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate (1 - specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
+    ax.set_title(f"{m['experiment']}: ROC ({kind}, test set)\n{_subtitle(m)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def learning_curve_chart(m: dict, path: str) -> "Figure":
+    """The LogisticRegression objective (loss + regularization) at each L-BFGS iteration."""
+    history = np.asarray(m.get("lr_objective_history") or [], dtype=float)
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    if len(history):
+        ax.plot(np.arange(len(history)), history, marker="." if len(history) < 60 else None, linewidth=1.5)
+        if (history > 0).all() and history.max() / history.min() > 20:
+            ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no objective history recorded", ha="center", va="center", transform=ax.transAxes)
+    clf = m.get("config", {}).get("classifier", {})
+    iterations = m.get("lr_iterations")
+    note = f"{iterations} iterations" if iterations is not None else ""
+    if clf and iterations is not None and iterations >= clf.get("maxIter", float("inf")):
+        note += f": stopped at maxIter={clf['maxIter']} before reaching tol={clf.get('tol')}"
+    elif clf:
+        note += f" (maxIter {clf.get('maxIter')}, tol {clf.get('tol')}, regParam {clf.get('regParam')})"
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Iteration (L-BFGS)")
+    ax.set_ylabel("Objective: log loss + regularization")
+    ax.set_title(f"{m['experiment']}: LogisticRegression training objective\n{note}", fontsize=10)
+    ax.grid(alpha=0.3)
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def summary_chart(rows: list[dict[str, Any]], path: str) -> "Figure":
+    """Grouped bars: backbone on x, one bar per task; test accuracy with its 95% interval and AUC.
+
+    ``rows`` are sweep summary rows (keys experiment, model, task, status, accuracy, ci95_low,
+    ci95_high, auc, majority_baseline). Failed experiments show as an empty bar marked "failed".
+    """
+    from matplotlib.patches import Patch
+
+    tasks = list(dict.fromkeys(r["task"] or "?" for r in rows))
+    cells = _summary_cells(rows)
+    groups = list(dict.fromkeys(k[0] for k in cells))
+    width = 0.8 / max(1, len(tasks))
+    fig = _figure(max(7.0, 1.5 * len(groups) + 3), 8.2)
+    ax_acc, ax_auc = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    x = np.arange(len(groups))
+    handles: list = []
+    for t, task in enumerate(tasks):
+        colour = _TASK_COLOURS[t % len(_TASK_COLOURS)]
+        offset = (t - (len(tasks) - 1) / 2) * width
+        for g, group in enumerate(groups):
+            r = cells.get((group, task))
+            if r is not None:
+                _summary_bars(ax_acc, ax_auc, r, x[g] + offset, width * 0.95, colour)
+        handles.append(Patch(color=colour, label=task))
+        baselines = [r["majority_baseline"] for r in rows
+                     if (r["task"] or "?") == task and r["status"] == "ok" and r.get("majority_baseline") is not None]
+        if baselines:
+            handles.append(ax_acc.axhline(max(baselines), color=colour, linestyle="--", linewidth=1,
+                                          label=f"{task}: majority-class baseline {max(baselines):.2f}"))
+    _summary_axes(ax_acc, ax_auc, x, groups)
+    if any(r["status"] != "ok" for r in rows):
+        handles.append(Patch(fill=False, hatch="//", label="failed (see summary.md)"))
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncol=min(3, len(handles)))
+    fig.suptitle(_summary_title(rows), fontsize=11)
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def _summary_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict]:
+    """(backbone, task) -> row; two experiments with the same model and task: labelled by experiment."""
+    seen: set[tuple] = set()
+    cells: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        key = (r["model"] or r["experiment"], r["task"] or "?")
+        if key in seen:
+            key = (r["experiment"], key[1])
+        seen.add(key)
+        cells[key] = r
+    return cells
+
+
+def _summary_bars(ax_acc, ax_auc, r: dict[str, Any], pos: float, width: float, colour: str) -> None:
+    """One experiment's bars: accuracy with its interval above, AUC below (or "failed" in both)."""
+    if r["status"] != "ok":
+        for ax in (ax_acc, ax_auc):
+            ax.bar(pos, 1.0, width, fill=False, hatch="//", edgecolor=colour)
+            ax.text(pos, 0.5, "failed", rotation=90, ha="center", va="center", fontsize=9)
+        return
+    acc, lo, hi = r["accuracy"], r["ci95_low"], r["ci95_high"]
+    ax_acc.bar(pos, acc, width, color=colour, yerr=[[acc - lo], [hi - acc]], capsize=4,
+               error_kw={"elinewidth": 1.2, "ecolor": "black"})
+    ax_acc.text(pos, hi + 0.01, f"{acc:.2f}", ha="center", va="bottom", fontsize=8)
+    if r.get("auc") is not None:
+        ax_auc.bar(pos, r["auc"], width, color=colour)
+        ax_auc.text(pos, r["auc"] + 0.01, f"{r['auc']:.2f}", ha="center", va="bottom", fontsize=8)
+
+
+def _summary_axes(ax_acc, ax_auc, x: np.ndarray, groups: list[str]) -> None:
+    ax_auc.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax_acc.set_ylim(0, 1.12)
+    ax_auc.set_ylim(0, 1.12)
+    ax_acc.set_ylabel("Test accuracy (bars: 95% CI)")
+    ax_auc.set_ylabel("ROC AUC\n(binary; macro one-vs-rest)")
+    ax_auc.set_xticks(x, groups)
+    ax_auc.set_xlabel("Backbone")
+    for ax in (ax_acc, ax_auc):
+        ax.grid(axis="y", alpha=0.3)
+
+
+def _summary_title(rows: list[dict[str, Any]]) -> str:
+    weights = sorted({str(r.get("weights")) for r in rows if r.get("weights")})
+    title = "Backbones compared on each task: test accuracy and ROC AUC"
+    if weights:
+        title += f"\nweights={', '.join(weights)}"
+        if "random" in weights:
+            title += " (random: untrained backbones, NOT transfer learning)"
+    return title
