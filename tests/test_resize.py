@@ -10,20 +10,16 @@ import pytest
 from PIL import Image
 
 from conftest import make_dataset, png_bytes, xray_like
+from test_download import _tree
 from xray import resize
 from xray.errors import DataError
 from xray.resize import normalize_image, resize_dataset
 
 
-def _hash_tree(root) -> dict[str, str]:
+def _hash_tree(root) -> dict[str, tuple[str, int]]:
     """Every file and its content hash and mtime: the raw folder must never change."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(full).st_mtime_ns)
-    return out
+    return {rel: (hashlib.sha256(data).hexdigest(), os.stat(os.path.join(root, rel)).st_mtime_ns)
+            for rel, data in _tree(root).items()}
 
 
 def _outputs(out_dir) -> set[str]:
