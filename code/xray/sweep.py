@@ -141,8 +141,7 @@ class _Board:
 
     def __init__(self, config: Config, names: list[str], root: str, log: Callable[[str], object]) -> None:
         self.names, self.root, self.log = names, root, log
-        default = config.defaults
-        self.entries = [{**default, **config.entries[n]} for n in names]
+        self.entries = [{**config.defaults, **config.entries[n]} for n in names]
         self.rows = [self._failed_row(i, "not run", None) for i in range(len(names))]
         self._lock = threading.Lock()  # rows, the summary files and the log lines of a result
 
