@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 
 from conftest import xray_like
 from imagefeaturizer import runtime
+from imagefeaturizer.images import InvalidImageError
 from imagefeaturizer.runtime import GPU_MIN_BATCH, ThreadSettings, get_extractor
 
 
@@ -123,24 +124,35 @@ def test_gpu_batches_are_at_least_the_gpu_minimum(monkeypatch):
     assert extractor.batch_size(8) == GPU_MIN_BATCH and extractor.batch_size(512) == 512
 
 
-def test_featurize_series_keeps_rows_in_place_and_skips_or_raises(tmp_path):
+def test_featurize_series_keeps_rows_in_place_and_skips_or_raises():
     from conftest import png_bytes
-    from imagefeaturizer.images import InvalidImageError
 
-    extractor = get_extractor("ResNet50", None, "avg")
+    extractor = get_extractor("ResNet50", None, "avg")  # what featurize_series fetches
     good = [png_bytes(xray_like(k, seed=k, size=(40, 30))) for k in range(2)]
     images = pd.Series([good[0], b"not an image", None, good[1]])
     origins = pd.Series(["a.png", "b.png", None, "d.png"])
-    task = runtime.FeaturizeTask("ResNet50", None, None, handle_invalid="skip", batch_size=4)
-    out = runtime.featurize_series(extractor, images, origins, task)
+    skip = runtime.FeaturizeTask("ResNet50", None, None, handle_invalid="skip", batch_size=4)
+    out = runtime.featurize_series(skip, images, origins)
     assert out[1] is None and out[2] is None
     expected = extractor.predict([extractor.prepare(xray_like(k, seed=k, size=(40, 30), mode="RGB")) for k in range(2)], 2)
     np.testing.assert_allclose(np.stack([out[0], out[3]]), expected, rtol=1e-5, atol=1e-5)
     strict = runtime.FeaturizeTask("ResNet50", None, None)
     with pytest.raises(InvalidImageError, match="b.png: not an image"):
-        runtime.featurize_series(extractor, images, origins, strict)
+        runtime.featurize_series(strict, images, origins)
     with pytest.raises(InvalidImageError, match="row 1 of its batch: no image"):
-        runtime.featurize_series(extractor, images[[0, 2]], origins[[0, 2]], strict)
+        runtime.featurize_series(strict, images[[0, 2]], origins[[0, 2]])
+
+
+def test_a_batch_of_only_invalid_images_builds_no_model(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("no model should be built for a batch without a valid image")
+
+    monkeypatch.setattr(runtime, "get_extractor", no_build)
+    skip = runtime.FeaturizeTask("Xception", None, None, handle_invalid="skip")
+    out = runtime.featurize_series(skip, pd.Series([b"", None]), pd.Series(["a.png", "b.png"]))
+    assert out.tolist() == [None, None]
+    with pytest.raises(InvalidImageError, match="a.png: empty file"):
+        runtime.featurize_series(runtime.FeaturizeTask("Xception", None, None), pd.Series([b""]), pd.Series(["a.png"]))
 
 
 def test_zip_finders_are_dropped_and_imports_from_the_zip_still_work(tmp_path, monkeypatch):

@@ -48,7 +48,6 @@ class FeatureExtractor:
                  engine: str = DEFAULT_ENGINE):
         self.backbone = backbones.get_backbone(model_name)
         self.engine: Engine = create_engine(engine, self.backbone, weights_path, pooling)
-        self.size = (self.backbone.input_size, self.backbone.input_size)
 
     @property
     def device(self) -> str:
@@ -56,7 +55,7 @@ class FeatureExtractor:
 
     def prepare(self, image) -> np.ndarray:
         """An RGB Pillow image resized to the input size, as a uint8 HxWx3 array."""
-        return np.asarray(resize_pil(image, self.size), dtype=np.uint8)
+        return prepare(image, self.backbone)
 
     def batch_size(self, requested: int) -> int:
         """Images per backbone call: ``requested`` on a CPU, at least ``GPU_MIN_BATCH`` on a GPU."""
@@ -82,6 +81,12 @@ class FeatureExtractor:
         step = self.batch_size(batch_size)
         for start in range(0, len(arrays), step):
             yield start, np.stack(arrays[start : start + step])
+
+
+def prepare(image, backbone: backbones.Backbone) -> np.ndarray:
+    """An RGB Pillow image resized to ``backbone``'s input size, as a uint8 HxWx3 array."""
+    size = (backbone.input_size, backbone.input_size)
+    return np.asarray(resize_pil(image, size), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,34 +288,41 @@ class FeaturizeTask:
 def featurize_batches(
     task: FeaturizeTask, batches: Iterator[tuple[pd.Series, pd.Series]]
 ) -> Iterator[pd.Series]:
-    """Features for each Arrow batch of (images, origins) with this process's cached extractor."""
-    extractor = get_extractor(task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine)
-    drop_zip_finders()
+    """Features for each Arrow batch of (images, origins), the UDF's body."""
     for images, origins in batches:
-        yield featurize_series(extractor, images, origins, task)
+        yield featurize_series(task, images, origins)
+        drop_zip_finders()  # imports of this batch included
 
 
-def featurize_series(
-    extractor: FeatureExtractor, images: pd.Series | pd.DataFrame, origins: pd.Series, task: FeaturizeTask
-) -> pd.Series:
+def featurize_series(task: FeaturizeTask, images: pd.Series | pd.DataFrame, origins: pd.Series) -> pd.Series:
     """Features for one Arrow batch; an invalid image raises, or its row is None (``skip``).
 
     ``images`` holds bytes, or is Spark's image struct (one column per field); ``origins`` names
-    each image in error messages (null: its row number in the batch).
+    each image in error messages (null: its row number in the batch). Every image is decoded
+    before the extractor is fetched: bad data fails fast, and a batch of only invalid images
+    builds no model.
     """
     records = images.to_dict("records") if isinstance(images, pd.DataFrame) else list(images)
+    arrays, keep = _decode_batch(task, records, origins)
+    result = [None] * len(records)
+    if arrays:
+        extractor = get_extractor(task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine)
+        for i, features in zip(keep, extractor.predict(arrays, task.batch_size)):
+            result[i] = features
+    return pd.Series(result, dtype=object)
+
+
+def _decode_batch(task: FeaturizeTask, records: list, origins: pd.Series) -> tuple[list[np.ndarray], list[int]]:
+    """The valid images, prepared for the backbone, and their rows; raises for an invalid one
+    unless ``skip``."""
+    backbone = backbones.get_backbone(task.model_name)
     arrays, keep = [], []
     for i, (record, origin) in enumerate(zip(records, origins)):
         origin = origin if isinstance(origin, str) and origin else f"row {i} of its batch"
         try:
-            arrays.append(extractor.prepare(decode_record(record, max_pixels=task.max_pixels, origin=origin)))
+            arrays.append(prepare(decode_record(record, max_pixels=task.max_pixels, origin=origin), backbone))
             keep.append(i)
         except InvalidImageError:
             if task.handle_invalid == "error":
                 raise
-    result = [None] * len(records)
-    if arrays:
-        features = extractor.predict(arrays, task.batch_size)
-        for row, i in enumerate(keep):
-            result[i] = features[row]
-    return pd.Series(result, dtype=object)
+    return arrays, keep
