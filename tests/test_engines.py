@@ -45,7 +45,8 @@ def test_one_trace_serves_every_batch_size_and_the_maps():
 
 def test_wrong_batch_shape_is_a_clear_error():
     engine = get_extractor("ResNet50", None, "avg").engine
-    with pytest.raises(ValueError, match=r"ResNet50 takes batches of shape \(n, 224, 224, 3\), got \(224, 224, 3\)"):
+    expected = r"ResNet50 takes batches of shape \(n, 224, 224, 3\), got \(224, 224, 3\)"
+    with pytest.raises(ValueError, match=expected):
         engine.run(np.zeros((224, 224, 3), np.uint8))
 
 

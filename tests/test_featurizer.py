@@ -153,7 +153,8 @@ def test_weights_are_shipped_once_per_spark_context(tmp_path):
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
     first, second = _FakeContext(), _FakeContext()  # e.g. a context stopped and a new one started
     for sc in (first, first, second):
-        assert featurizer._resolved_weights(types.SimpleNamespace(sparkContext=sc)) == (path, backbones.file_sha256(path))
+        spark = types.SimpleNamespace(sparkContext=sc)
+        assert featurizer._resolved_weights(spark) == (path, backbones.file_sha256(path))
     assert first.added == [path] and second.added == [path]
     assert not any(name.startswith("_featurizer") for name in vars(first))  # nothing stored on the context
 

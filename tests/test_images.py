@@ -527,7 +527,8 @@ def test_spark_struct_gray_and_bgra_decode_like_the_file() -> None:
     )
     rgba = np.dstack([gradient(), np.tile(np.array([0, 255], np.uint8), (48, 32))])
     np.testing.assert_array_equal(  # alpha composited onto BACKGROUND, as for a PNG file
-        np.asarray(from_spark_image(spark_struct(rgba))), decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+        np.asarray(from_spark_image(spark_struct(rgba))),
+        decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG")),
     )
 
 
@@ -547,7 +548,11 @@ def test_spark_struct_gray_and_bgra_decode_like_the_file() -> None:
         pytest.param(dict(height="48"), "image struct has height='48'", id="text-height"),
         pytest.param(dict(nChannels=2), "image struct has nChannels=2: expected 1, 3 or 4", id="two-channels"),
         pytest.param(dict(mode=21), "image struct has mode=21: expected 16", id="16-bit-mode"),
-        pytest.param(dict(width=63), "image struct data has 9216 bytes, but height x width x nChannels = 48x63x3", id="short"),
+        pytest.param(
+            dict(width=63),
+            "image struct data has 9216 bytes, but height x width x nChannels = 48x63x3",
+            id="short",
+        ),
         pytest.param(dict(nChannels=4, mode=24), "data has 9216 bytes", id="channels-do-not-fit"),
         pytest.param(dict(height=8000, width=8000), "image too large: 8000x8000", id="too-large"),
         pytest.param(dict(height=1), "image too small", id="too-small"),

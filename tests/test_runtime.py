@@ -134,7 +134,8 @@ def test_featurize_series_keeps_rows_in_place_and_skips_or_raises():
     skip = runtime.FeaturizeTask("ResNet50", None, None, handle_invalid="skip", batch_size=4)
     out = runtime.featurize_series(skip, images, origins)
     assert out[1] is None and out[2] is None
-    expected = extractor.predict([extractor.prepare(xray_like(k, seed=k, size=(40, 30), mode="RGB")) for k in range(2)], 2)
+    same_images = [xray_like(k, seed=k, size=(40, 30), mode="RGB") for k in range(2)]
+    expected = extractor.predict([extractor.prepare(image) for image in same_images], 2)
     np.testing.assert_allclose(np.stack([out[0], out[3]]), expected, rtol=1e-5, atol=1e-5)
     strict = runtime.FeaturizeTask("ResNet50", None, None)
     with pytest.raises(InvalidImageError, match="b.png: not an image"):
@@ -152,7 +153,8 @@ def test_a_batch_of_only_invalid_images_builds_no_model(monkeypatch):
     out = runtime.featurize_series(skip, pd.Series([b"", None]), pd.Series(["a.png", "b.png"]))
     assert out.tolist() == [None, None]
     with pytest.raises(InvalidImageError, match="a.png: empty file"):
-        runtime.featurize_series(runtime.FeaturizeTask("Xception", None, None), pd.Series([b""]), pd.Series(["a.png"]))
+        strict = runtime.FeaturizeTask("Xception", None, None)
+        runtime.featurize_series(strict, pd.Series([b""]), pd.Series(["a.png"]))
 
 
 def test_zip_finders_are_dropped_and_imports_from_the_zip_still_work(tmp_path, monkeypatch):

@@ -6,11 +6,12 @@
   closure).
 - The process set-up done once, before the first model is built: TensorFlow's threads sized to the
   task's cores (:func:`configure_threads`), GPU memory growth (:func:`configure_gpus`), and after
-  the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` before a
-  task's batches.
+  the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each
+  batch.
 - :func:`local_weights`: the weights file as this machine sees it, checked against the driver's
   sha256.
-- :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time.
+- :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time
+  (decode every image, then fetch the extractor and predict).
 
 Nothing here knows about Params: the Transformer (``featurizer.py``) passes plain values.
 """
@@ -93,7 +94,7 @@ def prepare(image, backbone: backbones.Backbone) -> np.ndarray:
 # The per-process extractor cache
 # ---------------------------------------------------------------------------------------------
 MAX_EXTRACTORS = 2
-"""Extractors kept per process, most recently used first out last (a backbone holds hundreds of MB)."""
+"""Extractors kept per process (a backbone holds hundreds of MB); the least recently used goes first."""
 
 _EXTRACTORS: dict[tuple, FeatureExtractor] = {}  # insertion order = use order, last = newest
 _LOCK = threading.Lock()
@@ -306,7 +307,9 @@ def featurize_series(task: FeaturizeTask, images: pd.Series | pd.DataFrame, orig
     arrays, keep = _decode_batch(task, records, origins)
     result = [None] * len(records)
     if arrays:
-        extractor = get_extractor(task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine)
+        extractor = get_extractor(
+            task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine
+        )
         for i, features in zip(keep, extractor.predict(arrays, task.batch_size)):
             result[i] = features
     return pd.Series(result, dtype=object)
