@@ -1,4 +1,4 @@
-"""The registry matches Keras: input size, feature size, preprocessing and features."""
+"""The registry matches Keras: input size, feature size, feature maps, preprocessing and features."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pytest
 
 from conftest import png_bytes, xray_like
 from imagefeaturizer import backbones
-from imagefeaturizer.featurizer import FeatureExtractor
+from imagefeaturizer.runtime import FeatureExtractor
 
-# What Keras documents for each application without its top and with global pooling.
+# What Keras documents for each application without its top: module, input size, the size of the
+# last feature maps at that input (5 stride-2 stages: 224 -> 7; 299 -> 8 or 10) and their channels.
 KERAS_FACTS = {
-    "InceptionV3": ("inception_v3", 299, 2048),
-    "ResNet50": ("resnet50", 224, 2048),
-    "VGG16": ("vgg16", 224, 512),
-    "VGG19": ("vgg19", 224, 512),
-    "Xception": ("xception", 299, 2048),
+    "InceptionV3": ("inception_v3", 299, 8, 2048),
+    "ResNet50": ("resnet50", 224, 7, 2048),
+    "VGG16": ("vgg16", 224, 7, 512),
+    "VGG19": ("vgg19", 224, 7, 512),
+    "Xception": ("xception", 299, 10, 2048),
 }
 
 
@@ -27,26 +28,31 @@ def test_registry_names_the_five_backbones():
 
 @pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
 def test_features_equal_keras_own_pipeline(name, tmp_path):
-    """Our bytes -> features path equals load_img + the module's preprocess_input + the model."""
+    """Our bytes -> features path equals load_img + the module's preprocess_input + Keras' own
+    pooled model; the maps come from the registry's layer and pool to those features."""
     import keras
 
-    module_name, size, feature_size = KERAS_FACTS[name]
+    module_name, size, map_side, feature_size = KERAS_FACTS[name]
     entry = backbones.get_backbone(name)
     assert (entry.input_size, entry.feature_size) == (size, feature_size)
+    assert entry.map_shape == (map_side, map_side, feature_size)
 
     image = xray_like(1, seed=7, size=(90, 70), mode="RGB")
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes(image))
 
     extractor = FeatureExtractor(name, None, "avg")
-    ours = extractor.predict([extractor.prepare(image)], batch_size=4)
-    assert ours.shape == (1, feature_size)
+    ours, maps = extractor.predict_with_maps([extractor.prepare(image)], batch_size=4)
+    assert ours.shape == (1, feature_size) and maps.shape == (1, *entry.map_shape)
+    np.testing.assert_allclose(extractor.predict([extractor.prepare(image)], batch_size=4), ours, rtol=1e-6)
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), ours, rtol=1e-4, atol=1e-5)
 
     module = importlib.import_module(f"keras.applications.{module_name}")
     reference = getattr(keras.applications, name)(
         weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
     )
-    reference.set_weights(extractor.model.get_weights())
+    assert reference.get_layer(entry.map_layer).output.shape[1:] == entry.map_shape
+    reference.set_weights(extractor.engine.model.get_weights())
     pixels = keras.utils.img_to_array(
         keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear")
     )
@@ -55,9 +61,11 @@ def test_features_equal_keras_own_pipeline(name, tmp_path):
     assert np.abs(ours).sum() > 0
 
 
-def test_random_weights_are_the_same_in_every_build():
+def test_random_weights_are_the_same_in_every_build_pooled_or_not():
     a = backbones.build_model("VGG16", None)
-    b = backbones.build_model("VGG16", None)
+    b = backbones.build_model("VGG16", None, pooling=None)  # what the engines build: the maps
+    assert tuple(a.output.shape) == (None, 512) and tuple(b.output.shape) == (None, 7, 7, 512)
+    assert len(a.get_weights()) == len(b.get_weights())
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
 

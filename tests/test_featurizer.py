@@ -1,4 +1,4 @@
-"""The Transformer: Params, both input kinds, invalid images, the per-worker cache, persistence."""
+"""The Transformer: Params, both input kinds, invalid images and their origin, persistence."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pyspark.ml.linalg import DenseVector
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
 from imagefeaturizer import backbones
-from imagefeaturizer.featurizer import FeatureExtractor, KerasImageFeaturizer, get_extractor
+from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
+from imagefeaturizer.runtime import FeatureExtractor, get_extractor
 
 MODEL = "ResNet50"  # the cheapest backbone on a CPU
 
@@ -45,25 +46,6 @@ def test_params_defaults_and_validation():
         KerasImageFeaturizer(handleInvalid="keep")
     with pytest.raises(ValueError, match="batchSize"):
         KerasImageFeaturizer(batchSize=0)
-
-
-def test_extractor_is_built_once_per_process():
-    assert get_extractor(MODEL, None, "avg") is get_extractor(MODEL, None, "avg")
-
-
-def test_extractor_cache_keeps_the_most_recent_and_rebuilds_the_same_network():
-    from imagefeaturizer import featurizer as fz
-
-    image = xray_like(1, seed=3, size=(50, 40), mode="RGB")
-    first = get_extractor(MODEL, None, "avg")
-    before = first.predict([first.prepare(image)], 1)
-    others = [get_extractor(MODEL, None, "max"), get_extractor("VGG16", None, "avg")]  # MAX_EXTRACTORS = 2
-    assert fz.MAX_EXTRACTORS == 2 and len(fz._EXTRACTORS) == 2
-    assert others[1] is get_extractor("VGG16", None, "avg")  # still cached
-    again = get_extractor(MODEL, None, "avg")  # evicted, built anew: the same seeded network
-    assert again is not first and len(fz._EXTRACTORS) == 2
-    np.testing.assert_allclose(again.predict([again.prepare(image)], 1), before, rtol=1e-5, atol=1e-5)
-    assert (MODEL, None, "max", None) not in fz._EXTRACTORS  # the least recently used went first
 
 
 def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
@@ -109,6 +91,72 @@ def test_handle_invalid_skip_and_error(spark, tmp_path):
 
     message = worker_error_message(info.value)
     assert message is not None and "broken.png" in message and "truncated" in message
+
+
+def _worker_error(df, featurizer) -> str:
+    with pytest.raises(Exception) as info:
+        featurizer.transform(df).collect()
+    return str(info.value)
+
+
+def test_origin_col_names_the_invalid_image_and_falls_back_when_absent(spark):
+    broken = png_bytes(xray_like(1, seed=2))[:60]
+    df = spark.createDataFrame([(bytearray(broken), "scan-042.png")], ["content", "name"]).coalesce(1)
+    named = _worker_error(df, KerasImageFeaturizer(modelName=MODEL, weights="random", originCol="name"))
+    assert "scan-042.png: truncated image data" in named
+    unnamed = _worker_error(df, KerasImageFeaturizer(modelName=MODEL, weights="random", originCol="nowhere"))
+    assert "row 0 of its batch: truncated image data" in unnamed and "scan-042.png" not in unnamed
+
+
+def test_image_struct_spark_could_not_read_is_invalid(spark, tmp_path):
+    folder = tmp_path / "structs"
+    folder.mkdir()
+    xray_like(0, seed=1, size=(50, 40)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(png_bytes(xray_like(1, seed=2))[:60])
+    df = spark.read.format("image").load(str(folder))  # keeps Spark's invalid-image rows
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", inputCol="image")
+    kept = f.copy({f.handleInvalid: "skip"}).transform(df).select("image.origin").collect()
+    assert [os.path.basename(r.origin) for r in kept] == ["good.png"]
+    message = _worker_error(df, f)
+    assert "broken.png: Spark's image reader could not decode this file" in message
+
+
+def test_handle_invalid_is_pysparks_shared_param():
+    from pyspark.ml.param.shared import HasHandleInvalid
+
+    f = KerasImageFeaturizer(handleInvalid="skip")
+    assert isinstance(f, HasHandleInvalid) and f.getHandleInvalid() == "skip"
+    assert f.handleInvalid.name == "handleInvalid" and f.setHandleInvalid("error").getHandleInvalid() == "error"
+
+
+class _FakeContext:
+    """What ``_resolved_weights`` uses of a SparkContext: a cluster master, addFile, getConf."""
+
+    master = "spark://10.0.0.1:7077"
+
+    def __init__(self):
+        self.added = []
+
+    def addFile(self, path):  # noqa: N802 - Spark's name
+        self.added.append(path)
+
+    def getConf(self):  # noqa: N802 - Spark's name
+        return {}
+
+
+def test_weights_are_shipped_once_per_spark_context(tmp_path):
+    import types
+
+    path = str(tmp_path / "w.h5")
+    with open(path, "wb") as f:
+        f.write(b"weights")
+    featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
+    first, second = _FakeContext(), _FakeContext()  # e.g. a context stopped and a new one started
+    for sc in (first, first, second):
+        spark = types.SimpleNamespace(sparkContext=sc)
+        assert featurizer._resolved_weights(spark) == (path, backbones.file_sha256(path))
+    assert first.added == [path] and second.added == [path]
+    assert not any(name.startswith("_featurizer") for name in vars(first))  # nothing stored on the context
 
 
 def _fit_pipeline(spark, root):
@@ -179,35 +227,3 @@ def test_every_backbone_in_spark(spark, tmp_path, name):
     paths = [_strip(r.path) for r in rows]
     expected = extractor.predict([extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths], 4)
     np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_zip_finders_are_dropped_and_imports_from_the_zip_still_work(tmp_path, monkeypatch):
-    """Spark workers import pyspark from a zip; its cached finders are dropped, imports still work."""
-    import importlib
-    import zipfile
-    import zipimport
-
-    from imagefeaturizer.featurizer import _drop_zip_finders
-
-    archive = tmp_path / "pkgs.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("zpkg_probe/__init__.py", "")
-        zf.writestr("zpkg_probe/sub/__init__.py", "")
-        zf.writestr("zpkg_probe/sub/a.py", "VALUE = 1\n")
-        zf.writestr("zpkg_probe/sub/b.py", "VALUE = 2\n")
-    monkeypatch.syspath_prepend(str(archive))
-    for name in [m for m in sys.modules if m.startswith("zpkg_probe")]:
-        monkeypatch.delitem(sys.modules, name)
-    assert importlib.import_module("zpkg_probe.sub.a").VALUE == 1
-
-    def zip_finders():
-        return [p for p, f in sys.path_importer_cache.items()
-                if isinstance(f, zipimport.zipimporter) and str(archive) in p]
-
-    assert zip_finders(), "importing from the zip should have cached its finders"
-    _drop_zip_finders()
-    assert zip_finders() == []
-    importlib.invalidate_caches()
-    assert importlib.import_module("zpkg_probe.sub.b").VALUE == 2  # a new import from the zip works
-    for name in [m for m in sys.modules if m.startswith("zpkg_probe")]:
-        del sys.modules[name]

@@ -20,7 +20,9 @@ from imagefeaturizer.images import (
     InvalidImageError,
     check_size,
     decode_image,
+    decode_record,
     decode_to_pil,
+    from_spark_image,
     image_info,
     is_image_file,
     load_image,
@@ -332,7 +334,7 @@ def corrupt_png() -> bytes:
         pytest.param(corrupt_png(), "corrupt image data", id="corrupt-png"),
         pytest.param(
             png_with_header_size(8000, 8000),
-            "image too large: 8000x8000 = 64000000 pixels > limit 50000000 (raise max_pixels)",
+            "image too large: 8000x8000 = 64000000 pixels > limit 50000000 (raise maxImagePixels)",
             id="too-large",
         ),
         pytest.param(
@@ -367,6 +369,12 @@ def test_max_pixels_boundary() -> None:
     assert decode_image(data, max_pixels=200).shape == (10, 20, 3)
     with pytest.raises(InvalidImageError, match="20x10 = 200 pixels > limit 199"):
         decode_image(data, max_pixels=199)
+
+
+def test_too_large_names_the_setting_the_caller_gives() -> None:
+    data = encode(Image.new("RGB", (20, 10)), "PNG")
+    with pytest.raises(InvalidImageError, match=r"> limit 199 \(raise max_image_pixels\)$"):
+        decode_to_pil(data, max_pixels=199, limit_name="max_image_pixels")
 
 
 def test_check_size_limits() -> None:
@@ -483,6 +491,95 @@ def test_image_info_rejects_non_images(data: bytes) -> None:
 )
 def test_is_image_file(name: str, expected: bool) -> None:
     assert is_image_file(name) is expected
+
+
+# --- Spark's image struct ---------------------------------------------------------------------
+
+
+def spark_struct(pixels: np.ndarray, **fields: object) -> dict[str, object]:
+    """What spark.read.format("image") stores for an RGB(A) or gray uint8 array: BGR(A) bytes."""
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    stored = pixels if channels == 1 else pixels[:, :, [2, 1, 0, 3][:channels]]
+    record = {
+        "origin": ORIGIN,
+        "height": pixels.shape[0],
+        "width": pixels.shape[1],
+        "nChannels": channels,
+        "mode": {1: 0, 3: 16, 4: 24}[channels],
+        "data": bytearray(np.ascontiguousarray(stored).tobytes()),
+    }
+    return {**record, **fields}
+
+
+def test_spark_struct_bgr_becomes_the_same_rgb_image() -> None:
+    pixels = gradient()
+    image = from_spark_image(spark_struct(pixels))
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+    gray = from_spark_image(spark_struct(pixels), mode="L")
+    np.testing.assert_array_equal(np.asarray(gray), np.asarray(Image.fromarray(pixels).convert("L")))
+
+
+def test_spark_struct_gray_and_bgra_decode_like_the_file() -> None:
+    gray = gradient()[:, :, 0]
+    np.testing.assert_array_equal(
+        np.asarray(from_spark_image(spark_struct(gray))), decode_image(encode(Image.fromarray(gray), "PNG"))
+    )
+    rgba = np.dstack([gradient(), np.tile(np.array([0, 255], np.uint8), (48, 32))])
+    np.testing.assert_array_equal(  # alpha composited onto BACKGROUND, as for a PNG file
+        np.asarray(from_spark_image(spark_struct(rgba))),
+        decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG")),
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        pytest.param(
+            dict(height=-1, width=-1, nChannels=-1, mode=-1, data=b""),
+            "Spark's image reader could not decode this file",
+            id="spark-invalid-row",
+        ),
+        pytest.param(dict(data=None), "image struct without data", id="no-data"),
+        pytest.param(dict(height=None, width=float("nan")), "image struct without height, width", id="null-size"),
+        pytest.param(dict(height=0), "image struct has height=0: expected a positive number", id="zero-height"),
+        pytest.param(dict(width=-3), "image struct has width=-3", id="negative-width"),
+        pytest.param(dict(width=12.5), "image struct has width=12.5", id="fractional-width"),
+        pytest.param(dict(height="48"), "image struct has height='48'", id="text-height"),
+        pytest.param(dict(nChannels=2), "image struct has nChannels=2: expected 1, 3 or 4", id="two-channels"),
+        pytest.param(dict(mode=21), "image struct has mode=21: expected 16", id="16-bit-mode"),
+        pytest.param(
+            dict(width=63),
+            "image struct data has 9216 bytes, but height x width x nChannels = 48x63x3",
+            id="short",
+        ),
+        pytest.param(dict(nChannels=4, mode=24), "data has 9216 bytes", id="channels-do-not-fit"),
+        pytest.param(dict(height=8000, width=8000), "image too large: 8000x8000", id="too-large"),
+        pytest.param(dict(height=1), "image too small", id="too-small"),
+    ],
+)
+def test_invalid_spark_struct_raises_with_the_field_and_origin(fields: dict, reason: str) -> None:
+    with pytest.raises(InvalidImageError) as caught:
+        from_spark_image(spark_struct(gradient(), **fields), origin=ORIGIN)
+    assert reason in caught.value.reason and caught.value.origin == ORIGIN
+
+
+def test_spark_struct_fields_handed_over_as_floats_are_accepted() -> None:
+    """pandas turns an int column holding a null into floats; whole numbers still count."""
+    pixels = gradient()
+    record = spark_struct(pixels, height=48.0, width=np.float64(64), nChannels=3.0, mode=16.0)
+    np.testing.assert_array_equal(np.asarray(from_spark_image(record)), pixels)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_decode_record_takes_bytes_structs_and_null(kind: type) -> None:
+    pixels = gradient()
+    np.testing.assert_array_equal(np.asarray(decode_record(kind(encode(Image.fromarray(pixels), "PNG")))), pixels)
+    np.testing.assert_array_equal(np.asarray(decode_record(spark_struct(pixels))), pixels)
+    with pytest.raises(InvalidImageError, match=f"^{ORIGIN}: no image \\(null\\)$"):
+        decode_record(None, origin=ORIGIN)
+    with pytest.raises(InvalidImageError, match="no image"):
+        decode_record({"origin": ORIGIN, "height": None, "width": None, "nChannels": None, "data": None})
 
 
 # --- resizing ----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The backbone registry: each Keras application this library can featurize with.
 
 One entry per backbone: its Keras constructor and ``preprocess_input`` (looked up lazily, so
-reading the registry does not import TensorFlow), its input size, its pooled feature size and
-the ImageNet "no top" weights file Keras itself downloads for it.
+reading the registry does not import TensorFlow), its input size, its last spatial feature maps
+(the output of the network without its top and without pooling: layer name and shape; their
+channels are the pooled feature size) and the ImageNet "no top" weights file Keras itself
+downloads for it.
 
 ``weights`` is resolved here, in one place, for every caller:
 
@@ -45,10 +47,16 @@ class Backbone:
     module: str  # keras.applications submodule holding the constructor and preprocess_input
     constructor_name: str
     input_size: int  # square input side, pixels
-    feature_size: int  # length of the pooled feature vector
+    map_layer: str  # the layer whose output are the last spatial feature maps (no top, no pooling)
+    map_shape: tuple[int, int, int]  # (height, width, channels) of those maps at input_size
     imagenet_file: str  # Keras' file name for the ImageNet weights without the top
     imagenet_md5: str  # Keras' checksum of that file
     imagenet_folder: str  # folder of that file at Keras' weights address
+
+    @property
+    def feature_size(self) -> int:
+        """Length of the pooled feature vector: one value per channel of the last maps."""
+        return self.map_shape[2]
 
     @property
     def imagenet_url(self) -> str:
@@ -66,13 +74,14 @@ class Backbone:
         return self._keras_module().preprocess_input
 
 
-def _entry(name, module, input_size, feature_size, stem, md5, folder=None):
+def _entry(name, module, input_size, map_layer, map_shape, stem, md5, folder=None):
     return Backbone(
         name=name,
         module=f"keras.applications.{module}",
         constructor_name=name,
         input_size=input_size,
-        feature_size=feature_size,
+        map_layer=map_layer,
+        map_shape=map_shape,
         imagenet_file=f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_md5=md5,
         imagenet_folder=folder or stem,
@@ -82,11 +91,16 @@ def _entry(name, module, input_size, feature_size, stem, md5, folder=None):
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        _entry("InceptionV3", "inception_v3", 299, 2048, "inception_v3", "bcbd6486424b2319ff4ef7d526e38f63"),
-        _entry("ResNet50", "resnet50", 224, 2048, "resnet50", "4d473c1dd8becc155b73f8504c6f6626", "resnet"),
-        _entry("VGG16", "vgg16", 224, 512, "vgg16", "6d6bbae143d832006294945121d1f1fc"),
-        _entry("VGG19", "vgg19", 224, 512, "vgg19", "253f8cb515780f3b799900260a226db6"),
-        _entry("Xception", "xception", 299, 2048, "xception", "b0042744bf5b25fce3cb969f33bebb97"),
+        _entry("InceptionV3", "inception_v3", 299, "mixed10", (8, 8, 2048),
+               "inception_v3", "bcbd6486424b2319ff4ef7d526e38f63"),
+        _entry("ResNet50", "resnet50", 224, "conv5_block3_out", (7, 7, 2048),
+               "resnet50", "4d473c1dd8becc155b73f8504c6f6626", "resnet"),
+        _entry("VGG16", "vgg16", 224, "block5_pool", (7, 7, 512),
+               "vgg16", "6d6bbae143d832006294945121d1f1fc"),
+        _entry("VGG19", "vgg19", 224, "block5_pool", (7, 7, 512),
+               "vgg19", "253f8cb515780f3b799900260a226db6"),
+        _entry("Xception", "xception", 299, "block14_sepconv2_act", (10, 10, 2048),
+               "xception", "b0042744bf5b25fce3cb969f33bebb97"),
     )
 }
 
@@ -160,14 +174,18 @@ def resolve_weights(backbone: Backbone | str, weights: str) -> str | None:
     return os.path.abspath(path)
 
 
-def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str = "avg"):
-    """The frozen Keras backbone without its top, with global ``pooling``.
+def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str | None = "avg"):
+    """The frozen Keras backbone without its top, with global ``pooling``, exactly as Keras defines it.
 
-    ``weights_path`` comes from :func:`resolve_weights` (None: seeded random weights).
+    ``pooling=None``: no pooling, the model outputs the last spatial feature maps
+    (``backbone.map_shape`` per image, from layer ``backbone.map_layer``). Pooling has no weights:
+    the same ``weights_path`` gives the same weights either way. ``weights_path`` comes from
+    :func:`resolve_weights` (None: seeded random weights).
     """
     if isinstance(backbone, str):
         backbone = get_backbone(backbone)
-    check_pooling(pooling)
+    if pooling is not None:
+        check_pooling(pooling)
     import keras
 
     kwargs = dict(

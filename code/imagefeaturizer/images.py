@@ -3,8 +3,11 @@
 One function turns raw file bytes into pixels, so that every stage sees exactly
 the same image: EXIF orientation applied, first frame of multi-frame files,
 alpha composited onto a fixed background, 16-bit and float data rescaled to
-8 bits, and output as 8-bit RGB (or L). Anything that cannot be decoded raises
-:class:`InvalidImageError` with a short reason; no Pillow exception escapes.
+8 bits, and output as 8-bit RGB (or L). Spark's image struct
+(``spark.read.format("image")``) is turned into the same kind of image by
+:func:`from_spark_image`; :func:`decode_record` takes either. Anything that
+cannot be decoded raises :class:`InvalidImageError` with a short reason; no
+Pillow exception escapes.
 
 Pure Pillow + numpy: no Spark or TensorFlow imports.
 """
@@ -15,7 +18,7 @@ import io
 import os
 import posixpath
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -25,6 +28,10 @@ from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Decompression-bomb guard: largest width*height (read from the header) accepted."""
+
+MAX_PIXELS_SETTING = "maxImagePixels"
+"""The setting a "too large" message tells users to raise (the featurizer's Param); callers
+whose users set the limit under another name pass that name as ``limit_name``."""
 
 MIN_SIDE = 2
 """Images with a side shorter than this (e.g. 1x1 placeholders) are invalid."""
@@ -63,12 +70,14 @@ def decode_to_pil(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     origin: str | None = None,
     mode: Mode = "RGB",
+    limit_name: str = MAX_PIXELS_SETTING,
 ) -> Image.Image:
     """Decode image bytes to a fully loaded Pillow image in ``mode`` ("RGB" or "L").
 
     The size in the header is checked against ``max_pixels`` and ``MIN_SIDE``
-    before any pixel is decoded. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``)
-    also applies; to accept images above it, raise it as well as ``max_pixels``.
+    before any pixel is decoded; a "too large" message tells users to raise
+    ``limit_name``. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``) also
+    applies; to accept images above it, raise it as well as ``max_pixels``.
 
     Raises:
         InvalidImageError: empty, truncated, corrupt, unrecognised, too large or
@@ -77,7 +86,7 @@ def decode_to_pil(
     """
     _check_mode(mode)
     with _bomb_warnings_as_errors(), _open(data, origin) as img:
-        check_size(img.size, max_pixels, origin)
+        check_size(img.size, max_pixels, origin, limit_name=limit_name)
         try:
             img.load()
             oriented = ImageOps.exif_transpose(img)
@@ -94,13 +103,16 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     origin: str | None = None,
     mode: Mode = "RGB",
+    limit_name: str = MAX_PIXELS_SETTING,
 ) -> np.ndarray:
     """Decode image bytes to a writable, C-contiguous uint8 array.
 
     Shape is (height, width, 3) for mode "RGB", (height, width) for "L".
     Same rules and errors as :func:`decode_to_pil`.
     """
-    return np.array(decode_to_pil(data, max_pixels=max_pixels, origin=origin, mode=mode))
+    return np.array(
+        decode_to_pil(data, max_pixels=max_pixels, origin=origin, mode=mode, limit_name=limit_name)
+    )
 
 
 def load_image(
@@ -119,6 +131,125 @@ def load_image(
     except OSError as exc:
         raise InvalidImageError(f"cannot read file: {exc.strerror or exc}", origin) from exc
     return decode_image(data, max_pixels=max_pixels, origin=origin, mode=mode)
+
+
+SPARK_IMAGE_FIELDS = ("height", "width", "nChannels", "data")
+"""Fields of Spark's image struct that :func:`from_spark_image` reads (``origin`` and ``mode`` too)."""
+
+_SPARK_8BIT_MODES = {1: 0, 3: 16, 4: 24}
+"""nChannels -> the OpenCV type Spark's image reader writes for it (CV_8UC1, CV_8UC3, CV_8UC4)."""
+
+_SPARK_CHANNEL_ORDER = {1: "L", 3: "BGR", 4: "BGRA"}
+
+
+def decode_record(
+    record: bytes | bytearray | memoryview | Mapping | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    origin: str | None = None,
+    mode: Mode = "RGB",
+    limit_name: str = MAX_PIXELS_SETTING,
+) -> Image.Image:
+    """One cell of an image column to an image in ``mode``: file bytes (``binaryFile``'s
+    ``content``), Spark's image struct as a mapping (``format("image")``), or None.
+
+    Raises:
+        InvalidImageError: None, or what :func:`decode_to_pil` / :func:`from_spark_image` reject.
+    """
+    if record is None:
+        raise InvalidImageError("no image (null)", origin)
+    options = dict(max_pixels=max_pixels, origin=origin, mode=mode, limit_name=limit_name)
+    if isinstance(record, Mapping):
+        return from_spark_image(record, **options)
+    return decode_to_pil(bytes(record), **options)
+
+
+def from_spark_image(
+    record: Mapping,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    origin: str | None = None,
+    mode: Mode = "RGB",
+    limit_name: str = MAX_PIXELS_SETTING,
+) -> Image.Image:
+    """Spark's image struct (8-bit gray, BGR or BGRA bytes, row by row) as an image in ``mode``.
+
+    Every field is checked first; the size rules of :func:`decode_to_pil` apply, and alpha is
+    composited onto ``BACKGROUND`` the same way.
+
+    Raises:
+        InvalidImageError: the struct Spark writes for a file it could not read, or a field
+            that is missing or does not fit the others (the reason names the field).
+        ValueError: ``mode`` is not "RGB" or "L".
+    """
+    _check_mode(mode)
+    height, width, channels = _spark_image_shape(record, origin)
+    check_size((width, height), max_pixels, origin, limit_name=limit_name)
+    pixels = _spark_image_pixels(record.get("data"), (height, width, channels), origin)
+    if channels == 1:
+        image = Image.fromarray(pixels[:, :, 0], "L")
+    else:
+        order = [2, 1, 0] if channels == 3 else [2, 1, 0, 3]  # BGR(A) -> RGB(A)
+        image = Image.fromarray(np.ascontiguousarray(pixels[:, :, order]), "RGB" if channels == 3 else "RGBA")
+    return to_mode(image, mode, origin)
+
+
+def _spark_image_shape(record: Mapping, origin: str | None) -> tuple[int, int, int]:
+    """(height, width, nChannels) of an image struct, or InvalidImageError naming the bad field."""
+    missing = [name for name in SPARK_IMAGE_FIELDS if _is_null(record.get(name))]
+    if len(missing) == len(SPARK_IMAGE_FIELDS):
+        raise InvalidImageError("no image (null)", origin)
+    if missing:
+        raise InvalidImageError(f"image struct without {', '.join(missing)}", origin)
+    height, width, channels = (record[name] for name in SPARK_IMAGE_FIELDS[:3])
+    if (height, width, channels) == (-1, -1, -1):
+        raise InvalidImageError(
+            "Spark's image reader could not decode this file (read it with format 'binaryFile' "
+            "to get the reason)",
+            origin,
+        )
+    for name, value in (("height", height), ("width", width)):
+        if _whole_number(value) is None or value < 1:
+            raise InvalidImageError(
+                f"image struct has {name}={value!r}: expected a positive number of pixels", origin
+            )
+    if _whole_number(channels) not in _SPARK_8BIT_MODES:
+        raise InvalidImageError(f"image struct has nChannels={channels!r}: expected 1, 3 or 4", origin)
+    channels = _whole_number(channels)
+    cv_type = record.get("mode")
+    if not _is_null(cv_type) and cv_type != _SPARK_8BIT_MODES[channels]:
+        raise InvalidImageError(
+            f"image struct has mode={cv_type!r}: expected {_SPARK_8BIT_MODES[channels]} (OpenCV's "
+            f"8-bit type for {channels} channels)",
+            origin,
+        )
+    return _whole_number(height), _whole_number(width), channels
+
+
+def _is_null(value) -> bool:
+    """None, or NaN (pandas' null in a numeric column)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _whole_number(value) -> int | None:
+    """``value`` as an int if it is a whole number (pandas may hand ints over as floats), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
+def _spark_image_pixels(data, shape: tuple[int, int, int], origin: str | None) -> np.ndarray:
+    """The struct's bytes as a (height, width, nChannels) uint8 array, if their number fits."""
+    buffer = bytes(data)
+    height, width, channels = shape
+    expected = height * width * channels
+    if len(buffer) != expected:
+        raise InvalidImageError(
+            f"image struct data has {len(buffer)} bytes, but height x width x nChannels = "
+            f"{height}x{width}x{channels} = {expected} ({_SPARK_CHANNEL_ORDER[channels]})",
+            origin,
+        )
+    return np.frombuffer(buffer, dtype=np.uint8).reshape(shape)
 
 
 def resize_pil(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -154,14 +285,23 @@ def is_image_file(name: str) -> bool:
     return not base.startswith(".") and posixpath.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
-def check_size(size: tuple[int, int], max_pixels: int, origin: str | None = None) -> None:
-    """Reject a (width, height) above ``max_pixels`` pixels or with a side below ``MIN_SIDE``."""
+def check_size(
+    size: tuple[int, int],
+    max_pixels: int,
+    origin: str | None = None,
+    *,
+    limit_name: str = MAX_PIXELS_SETTING,
+) -> None:
+    """Reject a (width, height) above ``max_pixels`` pixels or with a side below ``MIN_SIDE``.
+
+    The "too large" message names ``limit_name``: the setting users raise to accept the image.
+    """
     width, height = size
     pixels = width * height
     if pixels > max_pixels:
         raise InvalidImageError(
             f"image too large: {width}x{height} = {pixels} pixels > limit {max_pixels} "
-            "(raise max_pixels)",
+            f"(raise {limit_name})",
             origin,
         )
     if min(width, height) < MIN_SIDE:
