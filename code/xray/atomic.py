@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -35,3 +36,10 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
 def write_text_atomic(path: str, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """JSON (indented, one trailing newline), written beside ``path`` and renamed over it."""
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
