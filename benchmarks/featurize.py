@@ -449,7 +449,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def measure_backbone(args: argparse.Namespace, name: str, settings: dict, paths: list[str],
+                     decode: dict[str, float]) -> dict[str, Any]:
+    """One backbone: ``--repeat`` runs of each side, alternated; each side's best run and the ratios."""
+    keras_runs, spark_runs = [], []
+    for attempt in range(1, args.repeat + 1):  # alternated, so both see the same machine load
+        keras_runs.append(run_keras_baseline(name, args.weights, args.batch_size, paths))
+        print(f"{name} [{attempt}/{args.repeat}]: plain Keras {keras_runs[-1]['images_per_s']:.2f} images/s "
+              f"on {keras_runs[-1]['device']}", flush=True)
+        spark_runs.append(spark_run(settings, name, args.weights, args.batch_size, paths, args.warm))
+        print(f"{name} [{attempt}/{args.repeat}]: Spark featurizer {spark_runs[-1]['images_per_s']:.2f} images/s",
+              flush=True)
+    keras = max(keras_runs, key=lambda r: r["images_per_s"])
+    spark = max(spark_runs, key=lambda r: r["images_per_s"])
+    ratio = spark["images_per_s"] / keras["images_per_s"]
+    strict = spark["images_per_s"] / keras["predict_images_per_s"]
+    print(f"{name}: ratio {ratio:.2f} end to end, {strict:.2f} against Keras' predict loop alone "
+          f"(best of {args.repeat} each)", flush=True)
+    return {
+        "model": name,
+        "images": len(paths),
+        "ratio": ratio,
+        "ratio_predict_loop": strict,
+        "keras": keras,
+        "spark": spark,
+        "all_runs_images_per_s": {"keras": [r["images_per_s"] for r in keras_runs],
+                                  "spark": [r["images_per_s"] for r in spark_runs]},
+        "decode_resize": decode,
+        "driver_python_peak_rss_mib": _self_peak_mib(),
+    }
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from xray.atomic import write_json_atomic
+
     paths = list_images(args.data, args.images)
     for name in args.models:  # fail before any timing, e.g. on missing ImageNet weights
         try:
@@ -475,35 +508,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 decode[size] = decode_rate(paths, size)
             except InvalidImageError as exc:
                 raise BenchmarkError(f"cannot benchmark on an undecodable image: {exc}") from None
-        keras_runs, spark_runs = [], []
-        for attempt in range(1, args.repeat + 1):  # alternated, so both see the same machine load
-            keras_runs.append(run_keras_baseline(name, args.weights, args.batch_size, paths))
-            print(f"{name} [{attempt}/{args.repeat}]: plain Keras {keras_runs[-1]['images_per_s']:.2f} images/s "
-                  f"on {keras_runs[-1]['device']}", flush=True)
-            spark_runs.append(spark_run(settings, name, args.weights, args.batch_size, paths, args.warm))
-            print(f"{name} [{attempt}/{args.repeat}]: Spark featurizer {spark_runs[-1]['images_per_s']:.2f} images/s",
-                  flush=True)
-        keras = max(keras_runs, key=lambda r: r["images_per_s"])
-        spark = max(spark_runs, key=lambda r: r["images_per_s"])
-        ratio = spark["images_per_s"] / keras["images_per_s"]
-        strict = spark["images_per_s"] / keras["predict_images_per_s"]
-        print(f"{name}: ratio {ratio:.2f} end to end, {strict:.2f} against Keras' predict loop alone "
-              f"(best of {args.repeat} each)", flush=True)
-        rows.append({
-            "model": name,
-            "images": len(paths),
-            "ratio": ratio,
-            "ratio_predict_loop": strict,
-            "keras": keras,
-            "spark": spark,
-            "all_runs_images_per_s": {"keras": [r["images_per_s"] for r in keras_runs],
-                                      "spark": [r["images_per_s"] for r in spark_runs]},
-            "decode_resize": dict(decode[size], input_size=size),
-            "driver_python_peak_rss_mib": _self_peak_mib(),
-        })
+        rows.append(measure_backbone(args, name, settings, paths, dict(decode[size], input_size=size)))
         if args.json:  # after every backbone: a run cut short keeps what it measured
-            from xray.atomic import write_json_atomic
-
             write_json_atomic(args.json, report)
     from pyspark.sql import SparkSession
 
