@@ -53,6 +53,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from imagefeaturizer import backbones  # noqa: E402
 from imagefeaturizer.images import InvalidImageError, decode_to_pil, resize_pil  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import procinfo  # noqa: E402
+
 MIB = 1024 * 1024
 
 
@@ -103,7 +106,7 @@ def keras_baseline(model_name: str, weights: str, batch_size: int, paths: list[s
     build_s = time.perf_counter() - start
     size = (backbone.input_size, backbone.input_size)
 
-    start, cpu_start, machine_start = time.perf_counter(), _self_cpu_s(), _cpu_times()
+    start, cpu_start, machine_start = time.perf_counter(), _self_cpu_s(), procinfo.machine_cpu_times()
     n = 0
     for first in range(0, len(paths), batch_size):
         arrays = []
@@ -113,7 +116,8 @@ def keras_baseline(model_name: str, weights: str, batch_size: int, paths: list[s
             arrays.append(np.asarray(image, dtype=np.uint8))
         batch = backbone.preprocess_input(np.stack(arrays).astype(np.float32))
         n += len(np.asarray(model.predict_on_batch(batch)))
-    seconds, cpu_s, machine_end = time.perf_counter() - start, _self_cpu_s() - cpu_start, _cpu_times()
+    seconds, cpu_s = time.perf_counter() - start, _self_cpu_s() - cpu_start
+    machine_end = procinfo.machine_cpu_times()
     busy = None
     if machine_start and machine_end and machine_end[1] > machine_start[1]:
         busy = (machine_end[0] - machine_start[0]) / (machine_end[1] - machine_start[1])
@@ -166,70 +170,6 @@ def _self_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _status_kib(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
-    found, todo = [], list(tree.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(tree.get(child, []))
-    return found
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine."""
-    try:
-        with open("/proc/stat", encoding="utf-8") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
 class SparkSampler:
     """Samples, while a Spark job runs, the memory and CPU time of the JVM and the Python workers.
 
@@ -243,7 +183,7 @@ class SparkSampler:
 
     def __init__(self, interval: float = 1.0):
         self.interval = interval
-        self.available = os.path.isdir("/proc/self")
+        self.available = procinfo.HAVE_PROC
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.jvm_peak_kib = 0
@@ -258,7 +198,7 @@ class SparkSampler:
         self.driver_python_cpu_s = 0.0
 
     def _track_cpu(self, pid: int, fresh: bool) -> None:
-        cpu = _proc_cpu_s(pid)
+        cpu = procinfo.cpu_s(pid)
         if cpu is None:
             return
         if pid not in self._cpu:
@@ -266,19 +206,19 @@ class SparkSampler:
         self._cpu[pid][1] = cpu
 
     def _sample(self, fresh: bool = True) -> None:
-        tree = _children()
-        for jvm in (p for p in _descendants(os.getpid(), tree) if _comm(p) == "java"):
+        tree = procinfo.children()
+        for jvm in (p for p in procinfo.descendants(os.getpid(), tree) if procinfo.comm(p) == "java"):
             self._jvms.add(jvm)
             self._track_cpu(jvm, fresh=False)  # the JVM outlives the job: count only its CPU during it
-            self.jvm_peak_kib = max(self.jvm_peak_kib, _status_kib(jvm, "VmHWM") or 0)
+            self.jvm_peak_kib = max(self.jvm_peak_kib, procinfo.status_kib(jvm, "VmHWM") or 0)
             total = 0
-            for worker in _descendants(jvm, tree):
-                if not _comm(worker).startswith("python"):
+            for worker in procinfo.descendants(jvm, tree):
+                if not procinfo.comm(worker).startswith("python"):
                     continue
                 self._workers.add(worker)
                 self._track_cpu(worker, fresh)
-                total += _status_kib(worker, "VmRSS") or 0
-                self.worker_peak_kib = max(self.worker_peak_kib, _status_kib(worker, "VmHWM") or 0)
+                total += procinfo.status_kib(worker, "VmRSS") or 0
+                self.worker_peak_kib = max(self.worker_peak_kib, procinfo.status_kib(worker, "VmHWM") or 0)
             self.workers_sum_peak_kib = max(self.workers_sum_peak_kib, total)
 
     def _loop(self) -> None:
@@ -286,7 +226,7 @@ class SparkSampler:
             self._sample()
 
     def __enter__(self) -> "SparkSampler":
-        self._machine_start, self._self_start = _cpu_times(), _self_cpu_s()
+        self._machine_start, self._self_start = procinfo.machine_cpu_times(), _self_cpu_s()
         if self.available:
             self._sample(fresh=False)  # what runs already (warm workers) counts from now on
             self._thread = threading.Thread(target=self._loop, name="spark-sampler", daemon=True)
@@ -299,7 +239,7 @@ class SparkSampler:
             self._thread.join()
             self._sample()
         self.driver_python_cpu_s = _self_cpu_s() - self._self_start
-        end = _cpu_times()
+        end = procinfo.machine_cpu_times()
         if self._machine_start and end and end[1] > self._machine_start[1]:
             self.machine_cpu_busy = (end[0] - self._machine_start[0]) / (end[1] - self._machine_start[1])
 
@@ -509,15 +449,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    from xray.atomic import write_json_atomic as _write
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    _write(path, data)
+def measure_backbone(args: argparse.Namespace, name: str, settings: dict, paths: list[str],
+                     decode: dict[str, float]) -> dict[str, Any]:
+    """One backbone: ``--repeat`` runs of each side, alternated; each side's best run and the ratios."""
+    keras_runs, spark_runs = [], []
+    for attempt in range(1, args.repeat + 1):  # alternated, so both see the same machine load
+        keras_runs.append(run_keras_baseline(name, args.weights, args.batch_size, paths))
+        print(f"{name} [{attempt}/{args.repeat}]: plain Keras {keras_runs[-1]['images_per_s']:.2f} images/s "
+              f"on {keras_runs[-1]['device']}", flush=True)
+        spark_runs.append(spark_run(settings, name, args.weights, args.batch_size, paths, args.warm))
+        print(f"{name} [{attempt}/{args.repeat}]: Spark featurizer {spark_runs[-1]['images_per_s']:.2f} images/s",
+              flush=True)
+    keras = max(keras_runs, key=lambda r: r["images_per_s"])
+    spark = max(spark_runs, key=lambda r: r["images_per_s"])
+    ratio = spark["images_per_s"] / keras["images_per_s"]
+    strict = spark["images_per_s"] / keras["predict_images_per_s"]
+    print(f"{name}: ratio {ratio:.2f} end to end, {strict:.2f} against Keras' predict loop alone "
+          f"(best of {args.repeat} each)", flush=True)
+    return {
+        "model": name,
+        "images": len(paths),
+        "ratio": ratio,
+        "ratio_predict_loop": strict,
+        "keras": keras,
+        "spark": spark,
+        "all_runs_images_per_s": {"keras": [r["images_per_s"] for r in keras_runs],
+                                  "spark": [r["images_per_s"] for r in spark_runs]},
+        "decode_resize": decode,
+        "driver_python_peak_rss_mib": _self_peak_mib(),
+    }
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from xray.atomic import write_json_atomic
+
     paths = list_images(args.data, args.images)
     for name in args.models:  # fail before any timing, e.g. on missing ImageNet weights
         try:
@@ -543,32 +508,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 decode[size] = decode_rate(paths, size)
             except InvalidImageError as exc:
                 raise BenchmarkError(f"cannot benchmark on an undecodable image: {exc}") from None
-        keras_runs, spark_runs = [], []
-        for attempt in range(1, args.repeat + 1):  # alternated, so both see the same machine load
-            keras_runs.append(run_keras_baseline(name, args.weights, args.batch_size, paths))
-            print(f"{name} [{attempt}/{args.repeat}]: plain Keras {keras_runs[-1]['images_per_s']:.2f} images/s "
-                  f"on {keras_runs[-1]['device']}", flush=True)
-            spark_runs.append(spark_run(settings, name, args.weights, args.batch_size, paths, args.warm))
-            print(f"{name} [{attempt}/{args.repeat}]: Spark featurizer {spark_runs[-1]['images_per_s']:.2f} images/s",
-                  flush=True)
-        keras = max(keras_runs, key=lambda r: r["images_per_s"])
-        spark = max(spark_runs, key=lambda r: r["images_per_s"])
-        ratio = spark["images_per_s"] / keras["images_per_s"]
-        strict = spark["images_per_s"] / keras["predict_images_per_s"]
-        print(f"{name}: ratio {ratio:.2f} end to end, {strict:.2f} against Keras' predict loop alone "
-              f"(best of {args.repeat} each)", flush=True)
-        rows.append({
-            "model": name,
-            "images": len(paths),
-            "ratio": ratio,
-            "ratio_predict_loop": strict,
-            "keras": keras,
-            "spark": spark,
-            "all_runs_images_per_s": {"keras": [r["images_per_s"] for r in keras_runs],
-                                      "spark": [r["images_per_s"] for r in spark_runs]},
-            "decode_resize": dict(decode[size], input_size=size),
-            "driver_python_peak_rss_mib": _self_peak_mib(),
-        })
+        rows.append(measure_backbone(args, name, settings, paths, dict(decode[size], input_size=size)))
         if args.json:  # after every backbone: a run cut short keeps what it measured
             write_json_atomic(args.json, report)
     from pyspark.sql import SparkSession

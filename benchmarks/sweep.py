@@ -56,7 +56,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from imagefeaturizer import backbones  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from featurize import _children, _comm, _descendants, _status_kib, cold_workers_warm_jvm  # noqa: E402
+import procinfo  # noqa: E402
+from featurize import cold_workers_warm_jvm  # noqa: E402
 
 SWEEP_RATIO_TARGET = 1.15
 DRIVER_MEMORY_TARGET_MIB = 2048
@@ -142,25 +143,25 @@ class DriverSampler:
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.pid, self.interval = pid, interval
-        self.available = os.path.isdir("/proc/self")
+        self.available = procinfo.HAVE_PROC
         self.python_peak_kib = self.jvm_peak_kib = self.driver_sum_peak_kib = 0
         self.workers_sum_peak_kib = self.worker_peak_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="driver-sampler", daemon=True)
 
     def _sample(self) -> None:
-        tree = _children()
-        python_rss = _status_kib(self.pid, "VmRSS")
+        tree = procinfo.children()
+        python_rss = procinfo.status_kib(self.pid, "VmRSS")
         if python_rss is None:
             return
-        self.python_peak_kib = max(self.python_peak_kib, _status_kib(self.pid, "VmHWM") or 0)
+        self.python_peak_kib = max(self.python_peak_kib, procinfo.status_kib(self.pid, "VmHWM") or 0)
         jvm_rss = workers = 0
-        for jvm in (p for p in _descendants(self.pid, tree) if _comm(p) == "java"):
-            jvm_rss += _status_kib(jvm, "VmRSS") or 0
-            self.jvm_peak_kib = max(self.jvm_peak_kib, _status_kib(jvm, "VmHWM") or 0)
-            for worker in _descendants(jvm, tree):
-                if _comm(worker).startswith("python"):
-                    rss = _status_kib(worker, "VmRSS") or 0
+        for jvm in (p for p in procinfo.descendants(self.pid, tree) if procinfo.comm(p) == "java"):
+            jvm_rss += procinfo.status_kib(jvm, "VmRSS") or 0
+            self.jvm_peak_kib = max(self.jvm_peak_kib, procinfo.status_kib(jvm, "VmHWM") or 0)
+            for worker in procinfo.descendants(jvm, tree):
+                if procinfo.comm(worker).startswith("python"):
+                    rss = procinfo.status_kib(worker, "VmRSS") or 0
                     workers += rss
                     self.worker_peak_kib = max(self.worker_peak_kib, rss)
         self.driver_sum_peak_kib = max(self.driver_sum_peak_kib, python_rss + jvm_rss)
@@ -260,60 +261,39 @@ def run_single_pass(experiment: str, model: str, overrides: list[str], classes: 
         return json.load(f)
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def plan(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str]]:
+    """The matching experiments, each backbone's first experiment, and the classes they use.
+
+    Fails before any timing on a bad pattern or setting, or missing ImageNet weights."""
     from xray.config import load_config
     from xray.errors import UserError
     from xray.sweep import matching
 
     if not os.path.isdir(args.data):
         raise BenchmarkError(f"--data {args.data}: no such folder; give the folder with one sub-folder per class")
-    out = os.path.abspath(args.out)
     config = load_config(os.path.join(ROOT, "config.yaml"))
     try:
         names = matching(config, args.pattern)
         exps = [config.experiment(n, [f"weights={args.weights}", *args.overrides]) for n in names]
     except UserError as exc:
         raise BenchmarkError(str(exc)) from None
-    first_of = {}  # backbone -> its first experiment (its settings drive the single pass)
+    first_of: dict[str, str] = {}  # backbone -> its first experiment (its settings drive the single pass)
     for e in exps:
         first_of.setdefault(e.model, e.name)
-    classes = sorted({c for e in exps for c in e.classes})
-    for model in first_of:  # fail before any timing, e.g. on missing ImageNet weights
+    for model in first_of:
         try:
             backbones.resolve_weights(model, next(e.weights for e in exps if e.model == model))
         except backbones.WeightsError as exc:
             raise BenchmarkError(str(exc)) from None
-    os.makedirs(out, exist_ok=True)
-    raw = os.path.abspath(args.data) if args.scale == 1 else generate(args.data, args.scale, out, classes)
-    resized = os.path.join(out, f"resized-{args.scale}x")
-    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    work = os.path.join(out, f"run-{args.scale}x-{run_id}")
-    os.makedirs(work)
-    overrides = [f"weights={args.weights}", *args.overrides, f"dataset.raw_dir={raw}",
-                 f"dataset.resized_dir={resized}"]
-    models = list(first_of)
+    return names, first_of, sorted({c for e in exps for c in e.classes})
 
-    print(f"sweep '{args.pattern}': {len(names)} experiments, backbones {', '.join(models)}; data {raw} "
-          f"(scale {args.scale}); work folder {work}", flush=True)
-    code, resize_s, _ = _xray(["run", "dataset_resize", *_set_args(overrides)],
-                              os.path.join(work, "resize.log"))
-    if code != 0:
-        raise BenchmarkError(f"the resize job failed (exit {code}): see {os.path.join(work, 'resize.log')}")
-    print(f"resize job: {resize_s:.1f} s (reused by later runs on the same data)", flush=True)
 
-    passes = []
-    if not args.no_passes:
-        for model in models:
-            passes.append(run_single_pass(first_of[model], model, overrides, classes, work))
-            print(f"single pass {model}: {passes[-1]['images']} images in {passes[-1]['seconds']:.1f} s "
-                  f"({passes[-1]['images_per_s']:.2f} images/s)", flush=True)
-
-    cache = os.path.join(work, "cache")  # empty: the sweep featurizes everything
+def run_sweep(pattern: str, overrides: list[str], work: str, names: list[str]) -> tuple[float, dict, list[dict]]:
+    """The sweep in its own process with an empty feature cache: (seconds, memory, each experiment's figures)."""
     results = os.path.join(work, "results")
-    sweep_overrides = [*overrides, f"cache_dir={cache}", f"results_dir={results}"]
+    sweep_overrides = [*overrides, f"cache_dir={os.path.join(work, 'cache')}", f"results_dir={results}"]
     print("sweep: running (log in sweep.log) ...", flush=True)
-    code, sweep_s, memory = _xray(["sweep", args.pattern, *_set_args(sweep_overrides)],
-                                  os.path.join(work, "sweep.log"))
+    code, seconds, memory = _xray(["sweep", pattern, *_set_args(sweep_overrides)], os.path.join(work, "sweep.log"))
     if code != 0:
         with open(os.path.join(work, "sweep.log"), encoding="utf-8") as f:
             raise BenchmarkError(f"the sweep failed (exit {code}): {_last_line(f.read())}")
@@ -324,8 +304,32 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         experiments.append({k: m.get(k) for k in ("experiment", "model", "task", "n_images", "images_featurized",
                                                   "images_from_cache", "featurization_seconds", "wall_seconds",
                                                   "lr_iterations", "accuracy", "phase_seconds")})
-    featurized = sum(e["images_featurized"] for e in experiments)
-    featurize_s = sum(e["featurization_seconds"] for e in experiments)
+    return seconds, memory, experiments
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    names, first_of, classes = plan(args)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    raw = os.path.abspath(args.data) if args.scale == 1 else generate(args.data, args.scale, out, classes)
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    work = os.path.join(out, f"run-{args.scale}x-{run_id}")
+    os.makedirs(work)
+    overrides = [f"weights={args.weights}", *args.overrides, f"dataset.raw_dir={raw}",
+                 f"dataset.resized_dir={os.path.join(out, f'resized-{args.scale}x')}"]
+    print(f"sweep '{args.pattern}': {len(names)} experiments, backbones {', '.join(first_of)}; data {raw} "
+          f"(scale {args.scale}); work folder {work}", flush=True)
+    code, resize_s, _ = _xray(["run", "dataset_resize", *_set_args(overrides)], os.path.join(work, "resize.log"))
+    if code != 0:
+        raise BenchmarkError(f"the resize job failed (exit {code}): see {os.path.join(work, 'resize.log')}")
+    print(f"resize job: {resize_s:.1f} s (reused by later runs on the same data)", flush=True)
+
+    passes = []
+    for model in ([] if args.no_passes else first_of):
+        passes.append(run_single_pass(first_of[model], model, overrides, classes, work))
+        print(f"single pass {model}: {passes[-1]['images']} images in {passes[-1]['seconds']:.1f} s "
+              f"({passes[-1]['images_per_s']:.2f} images/s)", flush=True)
+    sweep_s, memory, experiments = run_sweep(args.pattern, overrides, work, names)
     passes_s = sum(p["seconds"] for p in passes) if passes else None
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -336,15 +340,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "single_passes": passes,
         "single_passes_seconds": passes_s,
         "sweep_seconds": sweep_s,
-        "sweep_featurization_seconds": featurize_s,
-        "sweep_images_featurized": featurized,
+        "sweep_featurization_seconds": sum(e["featurization_seconds"] for e in experiments),
+        "sweep_images_featurized": sum(e["images_featurized"] for e in experiments),
         "sweep_ratio": sweep_s / passes_s if passes_s else None,
         "resize_seconds": resize_s,
         "memory": memory,
         "work": work,
     }
     if not args.keep:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
     return report
 
 
@@ -425,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from xray.atomic import write_json_atomic
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return 0

@@ -1,30 +1,37 @@
-"""The featurize benchmark end to end on a few tiny images, and the extractor's speed-related paths."""
+"""The benchmarks end to end on a few tiny generated images (slow tier). Their figures are checked
+for what they measured (images counted, best of the repeated runs, the printed tables matching
+the JSON), not for any speed or device."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
 import sys
-from typing import Iterator
 
-import numpy as np
 import pytest
-import pandas as pd
-from pyspark.sql import functions as F
 
 from conftest import ROOT, xray_like
-from imagefeaturizer.featurizer import GPU_MIN_BATCH, FeatureExtractor
+from imagefeaturizer import backbones
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import procinfo  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "featurize.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     # Its own process: the benchmark stops and starts SparkContexts, which the shared fixture must not see.
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=900)
 
 
+def _table_row(stdout: str, header_start: str) -> str:
+    """The first row of the printed table whose header starts with ``header_start``."""
+    lines = stdout.splitlines()
+    return next(lines[i + 1] for i, line in enumerate(lines) if line.startswith(header_start))
+
+
+@pytest.mark.slow
 def test_benchmark_measures_keras_and_spark_on_the_same_images(tmp_path):
     data = tmp_path / "imgs"
     (data / "b").mkdir(parents=True)
@@ -35,31 +42,34 @@ def test_benchmark_measures_keras_and_spark_on_the_same_images(tmp_path):
     out = tmp_path / "out" / "bench.json"
 
     proc = _run("--data", str(data), "--models", "ResNet50", "--images", "4", "--batch-size", "3",
-                "--master", "local[1]", "--json", str(out))
+                "--master", "local[1]", "--repeat", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["settings"]["images"] == 4
+    assert report["settings"]["images"] == 4 and f"wrote {out}" in proc.stdout
     (row,) = report["results"]
     keras, spark = row["keras"], row["spark"]
-    assert row["model"] == "ResNet50" and keras["images"] == spark["images"] == 4
-    assert keras["device"] == "CPU" and keras["model_build_s"] > 0 and keras["tensorflow_import_s"] > 0
-    assert spark["master"] == "local[1]" and spark["partitions"] >= 1
-    assert keras["images_per_s"] > 0 and spark["images_per_s"] > 0
-    assert np.isclose(row["ratio"], spark["images_per_s"] / keras["images_per_s"])
-    # End to end, plain Keras' time includes its TensorFlow import and model build; the loop alone does not.
-    assert keras["seconds"] == pytest.approx(keras["tensorflow_import_s"] + keras["model_build_s"] + keras["predict_seconds"])
-    assert np.isclose(row["ratio_predict_loop"], spark["images_per_s"] / keras["predict_images_per_s"])
-    assert row["ratio_predict_loop"] < row["ratio"]
-    assert row["decode_resize"]["input_size"] == 224 and row["decode_resize"]["images_per_s"] > 0
-    if sys.platform.startswith("linux"):  # memory comes from /proc
+    # 4 of the 5 images (not the text file); the plain Keras process counts the feature rows it got.
+    assert row["model"] == "ResNet50" and keras["images"] == 4 and spark["images"] == 4
+    assert spark["master"] == "local[1]" and spark["partitions"] >= 1  # what the SparkContext reported
+    # --repeat 2: two runs of each side, and the figures reported are each side's best.
+    runs = row["all_runs_images_per_s"]
+    assert len(runs["keras"]) == len(runs["spark"]) == 2
+    assert keras["images_per_s"] == max(runs["keras"]) and spark["images_per_s"] == max(runs["spark"])
+    assert row["ratio"] == pytest.approx(max(runs["spark"]) / max(runs["keras"]))
+    assert row["decode_resize"]["input_size"] == backbones.get_backbone("ResNet50").input_size
+    # The printed tables show the JSON's figures.
+    speed = _table_row(proc.stdout, "backbone")
+    assert speed.startswith("ResNet50") and keras["device"] in speed
+    assert f"{row['ratio']:.2f}" in speed and f"{row['ratio_predict_loop']:.2f}" in speed
+    if procinfo.HAVE_PROC:  # memory and CPU come from /proc
         assert spark["python_processes"] >= 1  # the Python workers were found under the JVM
-        # A worker holds TensorFlow and ResNet50: several hundred MiB at least. (The driver's own
-        # peak depends on what this process did before, so the two are not compared.)
-        assert spark["worker_peak_rss_mib"] > 300 and row["driver_python_peak_rss_mib"] > 0
-        assert spark["driver_jvm_peak_rss_mib"] > 0 and keras["peak_rss_mib"] > 0
-    assert "ResNet50" in proc.stdout and "ratio" in proc.stdout
+        assert spark["worker_peak_rss_mib"] > 0 and spark["driver_jvm_peak_rss_mib"] > 0
+        assert set(spark["cpu_s_parts"]) == {"jvm", "python_workers", "driver_python"}
+        memory = _table_row(proc.stdout, "peak RSS MiB")
+        assert memory.startswith("ResNet50") and f"{spark['worker_peak_rss_mib']:.0f}" in memory
 
 
+@pytest.mark.slow
 def test_benchmark_user_errors_are_one_line(tmp_path):
     missing = _run("--data", str(tmp_path / "nowhere"), "--models", "ResNet50")
     assert missing.returncode == 2
@@ -71,49 +81,10 @@ def test_benchmark_user_errors_are_one_line(tmp_path):
     assert unknown.returncode == 2 and "AlexNet" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
-def test_extractor_traces_once_for_every_batch_size():
-    extractor = FeatureExtractor("ResNet50", None, "avg")
-    arrays = [extractor.prepare(xray_like(i % 3, seed=i, size=(40, 30), mode="RGB")) for i in range(5)]
-    split = extractor.predict(arrays, batch_size=2)  # batches of 2, 2 and 1
-    whole = extractor.predict(arrays, batch_size=5)
-    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-4)
-    assert extractor.device == "CPU"  # the test machines have no GPU
-    if extractor._run.graph is not None:  # TensorFlow backend
-        assert extractor._run.graph.experimental_get_tracing_count() == 1
-
-
-def test_spark_workers_freeze_what_the_model_needs_and_the_driver_does_not(spark):
-    """Spark's daemon runs gc.collect() after every task: a worker's model objects must be frozen."""
-    @F.pandas_udf("long")
-    def frozen(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        import gc
-
-        from imagefeaturizer.featurizer import get_extractor
-
-        for batch in batches:
-            get_extractor("ResNet50", None, "avg")
-            yield pd.Series([gc.get_freeze_count()] * len(batch))
-
-    counts = [row[0] for row in spark.range(0, 4, numPartitions=2).select(frozen("id")).collect()]
-    assert len(counts) == 4 and min(counts) > 10_000  # TensorFlow and the model: hundreds of thousands
-
-    from imagefeaturizer.featurizer import get_extractor
-
-    get_extractor("ResNet50", None, "avg")  # outside a Spark task: nothing is frozen
-    assert gc.get_freeze_count() == 0
-
-
-def test_gpu_batches_are_at_least_the_gpu_minimum():
-    extractor = FeatureExtractor.__new__(FeatureExtractor)  # no model needed for the batch rule
-    extractor.device = "CPU"
-    assert extractor.batch_size(8) == 8
-    extractor.device = "GPU"
-    assert extractor.batch_size(8) == GPU_MIN_BATCH and extractor.batch_size(512) == 512
-
-
 SWEEP_SCRIPT = os.path.join(ROOT, "benchmarks", "sweep.py")
 
 
+@pytest.mark.slow
 def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(tmp_path):
     from conftest import make_dataset
 
@@ -135,16 +106,18 @@ def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_se
     assert exp["images_featurized"] == 24  # variants have content of their own: nothing shared in the cache
     (single,) = report["single_passes"]
     assert single["model"] == "ResNet50" and single["images"] == 24 and single["seconds"] > 0
-    assert report["sweep_ratio"] == pytest.approx(report["sweep_seconds"] / single["seconds"])
-    assert report["sweep_seconds"] > report["sweep_featurization_seconds"] > 0
-    if sys.platform.startswith("linux"):
+    assert report["sweep_seconds"] > report["sweep_featurization_seconds"] > 0  # the sweep's time holds its featurization
+    # The printed summary shows the JSON's figures.
+    assert f"sweep: {report['sweep_seconds']:.1f} s" in proc.stdout and f"ratio {report['sweep_ratio']:.3f}" in proc.stdout
+    if procinfo.HAVE_PROC:  # memory comes from /proc
         memory = report["memory"]
-        assert 50 < memory["driver_python_peak_rss_mib"] < memory["driver_peak_rss_mib"]
+        assert 0 < memory["driver_python_peak_rss_mib"] < memory["driver_peak_rss_mib"]  # the driver's JVM was found
         assert memory["driver_jvm_peak_rss_mib"] > 100 and memory["python_worker_peak_rss_mib"] > 300
-    assert "ratio" in proc.stdout and "driver peak RSS" in proc.stdout
+        assert f"together {memory['driver_peak_rss_mib']:.0f} MiB" in proc.stdout
     assert not os.path.exists(os.path.join(report["work"], "cache"))  # the run's feature cache is removed
 
 
+@pytest.mark.slow
 def test_sweep_benchmark_user_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=300)

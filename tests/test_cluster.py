@@ -2,11 +2,13 @@
 
 The experiment runs as a user runs it (``python -m xray run ... --set spark.master=spark://...``)
 in a subprocess, once in local mode and once on the cluster, and the results must agree; a second
-cluster run loses a worker in the middle of featurization and must still agree. The cluster uses
-free ports and its own folder, so a user's cluster on 7077/8080 is never touched, and it is always
-stopped, even when a test fails.
+cluster run loses a worker in the middle of featurization and must still agree. A driver program
+(``featurize_job.py``) featurizes with a weights file that executors can only get as the copy the
+driver ships. The cluster uses free ports and its own folder, so a user's cluster on 7077/8080 is
+never touched, and it is always stopped, even when a test fails.
 
-Also: how executors find the weights file (driver path or SparkFiles copy, sha256 checked).
+Also: how executors find the weights file (driver path or SparkFiles copy, sha256 checked), and
+the cluster command's errors.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 import uuid
@@ -26,13 +28,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CODE, ROOT, make_dataset
+from conftest import CODE, ROOT, make_dataset, xray_like
 from imagefeaturizer import backbones
-from imagefeaturizer.featurizer import SHIP_WEIGHTS_CONF, KerasImageFeaturizer, _local_weights
+from imagefeaturizer.featurizer import KerasImageFeaturizer
+from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF
+from imagefeaturizer.runtime import local_weights as _local_weights
 from xray import cluster
+from xray.cli import main as xray_main
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import procinfo  # noqa: E402 - the one copy of the /proc walking, in benchmarks/
 
 EXPERIMENT = "ResNet50_binary_classification"
 RUN_TIMEOUT_S = 900
+GATE_DAEMON_DIR = os.path.join(ROOT, "tests", "spark_gate")
+FEATURIZE_JOB = os.path.join(ROOT, "tests", "featurize_job.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +75,7 @@ def test_executor_without_the_path_uses_the_shipped_copy(spark, tmp_path):
     unseen = os.path.join(str(tmp_path / "not-on-this-node"), os.path.basename(shipped))
 
     def on_executor(_):
-        from imagefeaturizer.featurizer import _local_weights
+        from imagefeaturizer.runtime import local_weights as _local_weights
 
         local = _local_weights(unseen, sha)
         with open(local, "rb") as f:
@@ -124,7 +134,7 @@ def test_driver_ships_weights_off_local_mode_once(tmp_path, master, conf, ships)
 
 
 # ---------------------------------------------------------------------------------------------
-# A real standalone cluster
+# The cluster command without a cluster: settings and errors
 # ---------------------------------------------------------------------------------------------
 def test_cluster_settings_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XRAY_CLUSTER_DIR", str(tmp_path / "c"))
@@ -141,21 +151,75 @@ def test_cluster_settings_from_the_environment(monkeypatch, tmp_path):
                 cluster.ClusterSettings.from_env()
 
 
-def test_status_and_stop_without_a_cluster(tmp_path):
-    env = {**_env(), "XRAY_CLUSTER_DIR": str(tmp_path / "none")}
-    xray = [sys.executable, "-m", "xray", "cluster"]
-    status = subprocess.run([*xray, "status"], env=env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 1 and "no Spark master running" in status.stdout
-    stop = subprocess.run([*xray, "stop"], env=env, capture_output=True, text=True, timeout=120)
-    assert stop.returncode == 0 and stop.stderr == ""
-    bad = subprocess.run([*xray, "start", "--workers", "0"], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --workers 0: expected at least 1"
+def test_status_and_stop_without_a_cluster(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("XRAY_CLUSTER_DIR", str(tmp_path / "none"))
+    assert xray_main(["cluster", "status"]) == 1
+    assert "no Spark master running" in capsys.readouterr().out
+    assert xray_main(["cluster", "stop"]) == 0
+    assert capsys.readouterr().err == ""
+    assert xray_main(["cluster", "start", "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --workers 0: expected at least 1"
+    assert not os.path.exists(tmp_path / "none")
 
 
+def test_missing_java_is_one_clear_error_before_anything_starts(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    settings = cluster.ClusterSettings(state_dir=str(tmp_path / "c"), port=_free_port(), webui_port=_free_port())
+    with pytest.raises(cluster.ClusterError, match=r"Java not found \(JAVA_HOME=.*no-jdk has no bin/java\).*set JAVA_HOME"):
+        cluster.start(1, settings, log=lambda *_: None)
+    assert not os.path.exists(settings.state_dir)
+
+
+def test_a_used_port_is_named_and_nothing_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = cluster.ClusterSettings(state_dir=str(tmp_path / "c"), port=port, webui_port=_free_port())
+        with pytest.raises(cluster.ClusterError, match=f"port {port} on 127.0.0.1 is in use.*XRAY_CLUSTER_PORT=PORT"):
+            cluster.start(1, settings, log=lambda *_: None)
+    assert not os.path.exists(settings.pid_file("master")) and cluster.worker_names(settings) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A real standalone cluster
+# ---------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cluster_pids(settings: cluster.ClusterSettings) -> list[int]:
+    """Every running process of the cluster: master, workers, their executors and Python workers."""
+    pids: list[int] = []
+    for name in ["master", *cluster.worker_names(settings)]:
+        pid = cluster.running_pid(settings, name)
+        if pid is not None:
+            pids += [pid, *procinfo.descendants(pid)]
+    return pids
+
+
+def _kill_worker(settings: cluster.ClusterSettings, name: str) -> list[int]:
+    """SIGKILL one worker with its executors and Python workers, as if its machine died."""
+    pid = cluster.running_pid(settings, name)
+    assert pid is not None, f"{name} is not running"
+    targets = [pid, *procinfo.descendants(pid)]  # parents first: none of them starts another
+    for target in targets:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return targets
+
+
+def _wait_until(what: str, ready, proc: subprocess.Popen | None = None) -> None:
+    """Until ``ready()`` (an event, not a time); fails when ``proc`` ends first or after RUN_TIMEOUT_S."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not ready():
+        assert proc is None or proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {RUN_TIMEOUT_S} s"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +237,11 @@ def cluster_settings(tmp_path_factory):
         cluster.start(2, settings, log=lambda *_: None)
         yield settings
     finally:
-        pids = cluster.cluster_pids(settings)
+        pids = _cluster_pids(settings)
         cluster.stop(settings, log=lambda *_: None)
-    left = [p for p in pids if cluster._alive(p)]
-    assert pids and not left, f"cluster processes still running after stop: {left}"
+    # Executors end with their worker; their Python workers follow when the executor is gone.
+    _wait_until("the cluster's processes to exit", lambda: not [p for p in pids if procinfo.alive(p)])
+    assert pids
 
 
 @pytest.fixture(scope="module")
@@ -184,24 +249,22 @@ def raw_images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("raw"), classes=("Covid-19", "No_findings"), per_class=8)
 
 
-def _command(raw: str, out, master: str, resized=None) -> list[str]:
-    return [
-        sys.executable, "-m", "xray", "run", EXPERIMENT,
-        "--set", "weights=random",
-        "--set", f"dataset.raw_dir={raw}",
-        "--set", f"dataset.resized_dir={resized or out / 'resized'}",
-        "--set", "dataset.image_size=64",
-        "--set", f"results_dir={out / 'results'}",
-        "--set", f"cache_dir={out / 'cache'}",
-        "--set", "test_fraction=0.25",
-        "--set", "batch_size=4",
-        "--set", f"spark.master={master}",
-        "--set", "spark.driver_memory=1g",
-        "--set", "spark.conf.spark.ui.enabled=false",
-        # Several featurization tasks (not one coalesced partition), so a worker can die mid-way.
-        "--set", "spark.conf.spark.sql.adaptive.coalescePartitions.enabled=false",
-        "--set", "spark.conf.spark.sql.shuffle.partitions=6",
+def _command(raw: str, out, master: str, resized=None, spark_conf: dict[str, str] | None = None) -> list[str]:
+    overrides = [
+        "weights=random",
+        f"dataset.raw_dir={raw}",
+        f"dataset.resized_dir={resized or out / 'resized'}",
+        "dataset.image_size=64",
+        f"results_dir={out / 'results'}",
+        f"cache_dir={out / 'cache'}",
+        "test_fraction=0.25",
+        "batch_size=4",
+        f"spark.master={master}",
+        "spark.driver_memory=1g",
+        "spark.conf.spark.ui.enabled=false",
+        *(f"spark.conf.{key}={value}" for key, value in (spark_conf or {}).items()),
     ]
+    return [sys.executable, "-m", "xray", "run", EXPERIMENT, *(arg for o in overrides for arg in ("--set", o))]
 
 
 def _env() -> dict[str, str]:
@@ -209,23 +272,27 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": CODE, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _start_run(raw: str, out, master: str, resized=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        _command(raw, out, master, resized), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def _start_run(raw: str, out, master: str, resized=None, spark_conf=None) -> subprocess.Popen:
+    """The experiment in its own process; its output goes to files (a full pipe would stall it)."""
+    os.makedirs(out, exist_ok=True)
+    with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
+        return subprocess.Popen(
+            _command(raw, out, master, resized, spark_conf), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
+            stdout=stdout, stderr=stderr, text=True,
+        )
 
 
 def _finish(proc: subprocess.Popen, out) -> dict:
     try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        proc.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
+    stdout, stderr = (open(out / name, encoding="utf-8", errors="replace").read() for name in ("stdout.log", "stderr.log"))
     assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}"
     with open(out / "results" / EXPERIMENT / "metrics.json", encoding="utf-8") as f:
         metrics = json.load(f)
-    metrics["_stderr"] = stderr
+    metrics["_stdout"], metrics["_stderr"] = stdout, stderr
     return metrics
 
 
@@ -307,37 +374,106 @@ def test_experiment_on_the_cluster_matches_local_mode(cluster_settings, raw_imag
     assert {p.split(os.sep)[-4] for p in shipped} == {"worker-1", "worker-2"}
 
 
+def _weights_file_unlike_random(path: str) -> None:
+    """VGG16 weights without top, saved by Keras, that give other features than ``weights="random"``."""
+    model = backbones.build_model("VGG16", None)
+    weights = model.get_weights()
+    weights[0] = weights[0] * 0.5  # the first convolution's kernel
+    model.set_weights(weights)
+    model.save_weights(path)
+
+
+def _featurize_job(master: str, images, cwd, *weights: str) -> dict:
+    out = os.path.join(str(cwd), f"features-{uuid.uuid4().hex}.json")
+    proc = subprocess.run([sys.executable, FEATURIZE_JOB, master, str(images), out, *weights], cwd=cwd, env=_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster_settings, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        xray_like(i % 3, seed=i, size=(48 + 8 * i, 40), mode="RGB").save(images / f"im{i}.png")
+    # The driver names the file relative to its working folder, as a user may: executors work in
+    # folders of their own, where that path leads nowhere, so only the shipped copy can serve.
+    driver_dir = tmp_path / "driver"
+    (driver_dir / "models").mkdir(parents=True)
+    relative = os.path.join("models", f"vgg16-{uuid.uuid4().hex[:8]}.weights.h5")
+    _weights_file_unlike_random(str(driver_dir / relative))
+
+    local = _featurize_job("local[2]", images, driver_dir, relative, "random")
+    remote = _featurize_job(cluster_settings.master_url, images, driver_dir, relative)
+
+    from_file, from_random = local["features"][relative], local["features"]["random"]
+    assert sorted(from_file) == [f"im{i}.png" for i in range(4)]
+    assert not np.allclose(from_file["im0.png"], from_random["im0.png"], rtol=1e-3, atol=1e-3)  # the file was used
+    assert set(remote["features"][relative]) == set(from_file)
+    for name, vector in from_file.items():
+        np.testing.assert_allclose(remote["features"][relative][name], vector, rtol=1e-4, atol=1e-4)
+
+    # Each executor that ran a task fetched the copy into its working folder, byte for byte.
+    executors = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", remote["app_id"], "*"))
+    assert executors and not any(os.path.exists(os.path.join(e, relative)) for e in executors)
+    copies = [c for c in (os.path.join(e, os.path.basename(relative)) for e in executors) if os.path.isfile(c)]
+    driver_sha = backbones.file_sha256(str(driver_dir / relative))
+    assert copies and {backbones.file_sha256(c) for c in copies} == {driver_sha}
+
+
+def _gate_records(gate, kind: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(str(gate), kind, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+    return records
+
+
+def _worker_of(record: dict, settings: cluster.ClusterSettings) -> str:
+    """``worker-N`` whose executor ran the task (its working folder is work/worker-N/app-*/N)."""
+    return os.path.relpath(record["cwd"], os.path.join(settings.state_dir, "work")).split(os.sep)[0]
+
+
 @pytest.mark.slow
 def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, raw_images, local_run, tmp_path):
+    """A worker dies while it holds a featurization task, at a point the job itself signals.
+
+    The Python tasks run under ``spark_gate/gate_daemon.py``: once one featurization task has
+    finished, every task sent to a Python worker waits for the test's ``open`` file. The test
+    kills the worker of a waiting task (so that task is lost for sure), then opens the gate:
+    Spark must run it again elsewhere.
+    """
     want, out_local = local_run
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    conf = {
+        "spark.python.daemon.module": "gate_daemon",
+        "spark.executorEnv.PYTHONPATH": GATE_DAEMON_DIR,  # the gate only: the project comes as the zip
+        "spark.executorEnv.XRAY_TEST_GATE": str(gate),
+        "spark.sql.files.maxPartitionBytes": "4m",  # one image per featurization task: 16 tasks
+    }
     # The resize job on the cluster is covered above; here the local run's resized images serve.
-    proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, resized=out_local / "resized")
-    killed: dict = {}
-
-    def kill_after_first_featurization_task():
-        # The featurization job writes Parquet to <cache>/<key>/.tmp-*/; each finished task moves
-        # its output to _temporary/0/task_*. Kill a worker as soon as one task is done.
-        pattern = str(tmp_path / "cache" / "*" / ".tmp-*" / "_temporary" / "0" / "task_*")
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while proc.poll() is None and time.monotonic() < deadline:
-            done = glob.glob(pattern)
-            if done:
-                killed["pids"] = cluster.kill_worker("worker-1", cluster_settings)
-                temporary = os.path.dirname(os.path.dirname(done[0]))
-                killed["job_still_running"] = os.path.isdir(temporary) and proc.poll() is None
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_first_featurization_task, daemon=True)
-    killer.start()
+    proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, out_local / "resized", conf)
     try:
+        _wait_until("a featurization task held at the gate", lambda: _gate_records(gate, "waiting"), proc)
+        featurizing = glob.glob(str(tmp_path / "cache" / "*" / ".tmp-*"))  # the job's output folder
+        victim = _worker_of(_gate_records(gate, "waiting")[0], cluster_settings)
+        killed = _kill_worker(cluster_settings, victim)
+        (gate / "open").touch()
         got = _finish(proc, tmp_path)
     finally:
-        killer.join(timeout=30)
-        cluster.start(2, cluster_settings, log=lambda *_: None)  # bring worker-1 back for later tests
+        (gate / "open").touch()
+        if proc.poll() is None:
+            proc.kill()
+        cluster.start(2, cluster_settings, log=lambda *_: None)  # bring the worker back for later tests
 
-    assert killed.get("pids"), "no featurization task finished before the run ended"
-    assert killed["job_still_running"], "the worker died after featurization was over"
-    assert "Lost executor" in got["_stderr"]  # Spark saw the executor go and re-ran its tasks
+    assert featurizing and killed, (
+        f"the worker was not killed inside the featurization job: gate {_gate_records(gate, 'done')}, "
+        f"{_gate_records(gate, 'waiting')}; run output: {got['_stdout'][-3000:]}")
+    reruns = [r for r in _gate_records(gate, "done") if r["attempt"] >= 1]
+    assert reruns and victim not in {_worker_of(r, cluster_settings) for r in reruns}  # the lost task, elsewhere
+    assert "Lost executor" in got["_stderr"]  # Spark saw the executor go
     assert got["images_featurized"] == want["images_featurized"] == want["n_images"]
     _assert_same_results(got, want, tmp_path, out_local)

@@ -1,10 +1,16 @@
 """A real Spark standalone cluster on 127.0.0.1, for trying cluster mode on one machine.
 
-``./wrapper.sh cluster start [--workers N]`` starts a master and N workers from the Spark that
-pyspark ships (``pyspark/bin/spark-class``), each a background JVM in its own process group, with
-its pid file, log and work folder under ``.cluster/`` (in the current folder). ``run <experiment>
---set spark.master=spark://127.0.0.1:7077`` then runs there. ``cluster stop`` ends every process
-of the cluster (executors and their Python workers included); ``cluster status`` lists them.
+``./wrapper.sh cluster start [--workers N]`` starts a master and N workers with Spark's own
+daemon script, ``sbin/spark-daemon.sh`` of the Spark that pyspark ships (the same version as the
+driver's): it writes the pid files, the logs (rotated) and starts and stops each daemon. Everything
+lives under ``.cluster/`` (in the current folder). ``run <experiment> --set
+spark.master=spark://127.0.0.1:7077`` then runs there. ``cluster stop`` stops the workers (each
+worker ends its executors, whose Python workers follow), then the master; ``cluster status``
+lists them.
+
+What this module adds to the script: the settings below, checks before anything starts (Java
+and ``ps`` found, ports free, one cluster per folder), waiting until the master's JSON status
+shows the workers alive, waiting on ``stop`` until the daemons have exited, and a status summary.
 
 The cluster processes run without the caller's ``PYTHONPATH``: executors get the project's code
 only the way a real cluster gets it, from the zip the driver ships (:mod:`xray.session`).
@@ -18,6 +24,7 @@ the default ports): ``XRAY_CLUSTER_PORT`` (7077), ``XRAY_CLUSTER_WEBUI_PORT`` (8
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -37,8 +44,10 @@ from .errors import UserError
 HOST = "127.0.0.1"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+IDENT = "xray"  # SPARK_IDENT_STRING: part of spark-daemon.sh's pid and log file names
 STATE_FILE = "cluster.json"
 START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
 
 
 class ClusterError(UserError):
@@ -69,7 +78,6 @@ class ClusterSettings:
     worker_memory: str = "2g"
 
     def __post_init__(self) -> None:
-        # Absolute: the path is matched against the command lines of running workers.
         object.__setattr__(self, "state_dir", os.path.abspath(self.state_dir))
 
     @classmethod
@@ -93,171 +101,152 @@ class ClusterSettings:
     def webui_url(self) -> str:
         return f"http://{HOST}:{self.webui_port}"
 
-    def pid_file(self, name: str) -> str:
-        return os.path.join(self.state_dir, f"{name}.pid")
-
-    def log_file(self, name: str) -> str:
-        return os.path.join(self.state_dir, "logs", f"{name}.log")
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.state_dir, "logs")
 
     def work_dir(self, name: str) -> str:
         return os.path.join(self.state_dir, "work", name)
 
+    def pid_file(self, name: str) -> str:
+        """spark-daemon.sh's pid file of ``master`` or ``worker-N`` (SPARK_PID_DIR is the state folder)."""
+        daemon_class, instance = _daemon_id(name)
+        return os.path.join(self.state_dir, f"spark-{IDENT}-{daemon_class}-{instance}.pid")
 
+    def log_file(self, name: str) -> str:
+        """spark-daemon.sh's log of ``name`` (its name ends with the host name the script saw)."""
+        daemon_class, instance = _daemon_id(name)
+        pattern = os.path.join(self.log_dir, f"spark-{IDENT}-{daemon_class}-{instance}-*.out")
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        return found[-1] if found else pattern
+
+
+def _daemon_id(name: str) -> tuple[str, int]:
+    """``master`` -> (Master class, 1); ``worker-N`` -> (Worker class, N): spark-daemon.sh's arguments."""
+    if name == "master":
+        return MASTER_CLASS, 1
+    return WORKER_CLASS, int(name.split("-", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark's daemon script
+# ---------------------------------------------------------------------------------------------
 def spark_home() -> str:
     """The Spark that pyspark ships: the same version as the driver's."""
     import pyspark
 
     home = os.path.dirname(os.path.abspath(pyspark.__file__))
-    if not os.path.isfile(os.path.join(home, "bin", "spark-class")):
-        raise ClusterError(f"{home} has no bin/spark-class: reinstall pyspark (./wrapper.sh env-setup --force)")
+    if not os.path.isfile(os.path.join(home, "sbin", "spark-daemon.sh")):
+        raise ClusterError(f"{home} has no sbin/spark-daemon.sh: reinstall pyspark (./wrapper.sh env-setup --force)")
     return home
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state letter) of every process (Linux /proc, else ``ps``)."""
-    table: dict[int, tuple[int, str]] = {}
-    if os.path.isdir("/proc/self"):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            table[int(entry)] = (int(fields[1]), fields[0])
-        return table
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
-            table[int(parts[0])] = (int(parts[1]), parts[2][0])
-    return table
+def _check_tools() -> None:
+    """Java as spark-class finds it (JAVA_HOME, else PATH), and ``ps``, which spark-daemon.sh uses."""
+    java_home = os.environ.get("JAVA_HOME", "").strip()
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no java on PATH"
+        raise ClusterError(
+            f"Java not found ({where}): Spark needs Java 17 or 21; install one "
+            f"(e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
+        )
+    if shutil.which("ps") is None:
+        raise ClusterError("no ps command: Spark's daemon script needs it; install procps")
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        pass
-    out = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, check=False)
-    return out.stdout.strip()
+def _daemon_env(settings: ClusterSettings, extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # Executors inherit the worker's environment: without this they could import the project
+    # from the caller's PYTHONPATH and never prove that the shipped code zip works.
+    env.pop("PYTHONPATH", None)
+    env.pop("SPARK_MASTER", None)  # spark-daemon.sh would rsync Spark from there
+    env.pop("SPARK_NO_DAEMONIZE", None)  # it would run in the foreground, without a pid file
+    env.update(
+        SPARK_HOME=spark_home(),
+        SPARK_IDENT_STRING=IDENT,
+        SPARK_PID_DIR=settings.state_dir,
+        SPARK_LOG_DIR=settings.log_dir,
+        SPARK_LOCAL_IP=HOST,
+        SPARK_DAEMON_MEMORY=os.environ.get("SPARK_DAEMON_MEMORY", "512m"),
+        PYSPARK_PYTHONPATH_SET="1",  # spark-config.sh: no pyspark source folder (pip has none) on it
+        **extra,
+    )
+    return env
 
 
-def _alive(pid: int) -> bool:
-    """Running (not a zombie). Reaps the process when it is a child of this one."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = _proc_table().get(pid, (0, "?"))[1]
-    return state not in ("Z", "X")
+def _daemon(settings: ClusterSettings, action: str, name: str, args: tuple[str, ...] = (),
+            extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``spark-daemon.sh ACTION CLASS N ARGS`` for ``name``, output captured."""
+    daemon_class, instance = _daemon_id(name)
+    script = os.path.join(spark_home(), "sbin", "spark-daemon.sh")
+    return subprocess.Popen(
+        ["bash", script, action, daemon_class, str(instance), *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_daemon_env(settings, extra_env or {}), cwd=settings.state_dir,
+        start_new_session=True,  # the daemons outlive this process and its terminal
+    )
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (executors, Python daemons and workers), deepest last."""
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in _proc_table().items():
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+def _launch(settings: ClusterSettings, daemons: list[tuple[str, tuple[str, ...], dict[str, str]]]) -> None:
+    """Start each ``(name, arguments, environment)`` at once; the script waits about 2 s for each JVM."""
+    os.makedirs(settings.log_dir, exist_ok=True)
+    started = [(name, _daemon(settings, "start", name, args, env)) for name, args, env in daemons]
+    for name, proc in started:
+        output = proc.communicate()[0].strip()
+        if proc.returncode != 0 or "failed to launch" in output:
+            raise ClusterError(
+                f"Spark {name} did not start: see {settings.log_file(name)} "
+                f"({' | '.join(output.splitlines()[-4:])})"
+            )
 
 
-def _signal_tree(pid: int, sig: int) -> list[int]:
-    """Send ``sig`` to ``pid``'s process group and to each of its descendants; the pids signalled."""
-    targets = [pid, *_descendants(pid)]
-    try:
-        os.killpg(pid, sig)  # started with start_new_session: the group id is the pid
-    except (ProcessLookupError, PermissionError):
-        pass
-    for target in targets:
-        try:
-            os.kill(target, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return targets
-
-
-def _terminate(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process tree, then SIGKILL whatever is left after ``timeout`` seconds."""
-    targets = _signal_tree(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in targets):
-        time.sleep(0.2)
-    for p in targets:
-        if _alive(p):
-            _signal_tree(p, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in targets):
-        time.sleep(0.1)
-
-
-def _read_pid(settings: ClusterSettings, name: str) -> int | None:
+def running_pid(settings: ClusterSettings, name: str) -> int | None:
+    """The pid of ``name``'s JVM when spark-daemon.sh reports it running (pid file and a live java)."""
     try:
         with open(settings.pid_file(name), encoding="utf-8") as f:
-            return int(f.read().strip())
+            pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
+    proc = _daemon(settings, "status", name)
+    proc.communicate()
+    return pid if proc.returncode == 0 else None
 
 
-def _running_pid(settings: ClusterSettings, name: str) -> int | None:
-    """The pid in ``name``'s pid file when that process is alive and is this cluster's JVM."""
-    pid = _read_pid(settings, name)
-    if pid is None or not _alive(pid):
-        return None
-    cmd = _cmdline(pid)
-    if name == "master":
-        ours = MASTER_CLASS in cmd and f"--host {HOST}" in cmd
-    else:
-        ours = WORKER_CLASS in cmd and settings.work_dir(name) in cmd
-    return pid if ours else None
-
-
-def _running_settings(settings: ClusterSettings) -> tuple[ClusterSettings, int | None]:
-    """``settings`` with the ports of the master running from its folder (if any), and its pid."""
-    pid = _running_pid(settings, "master")
-    if pid is None:
-        return settings, None
-    args = _cmdline(pid).split()
-    ports = {}
-    for option in ("--port", "--webui-port"):
-        if option in args[:-1] and args[args.index(option) + 1].isdigit():
-            ports[option] = int(args[args.index(option) + 1])
-    return replace(
-        settings, port=ports.get("--port", settings.port), webui_port=ports.get("--webui-port", settings.webui_port)
-    ), pid
-
-
-def _write_pid(settings: ClusterSettings, name: str, pid: int) -> None:
-    tmp = settings.pid_file(name) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{pid}\n")
-    os.replace(tmp, settings.pid_file(name))
-
-
-def _worker_names(settings: ClusterSettings) -> list[str]:
+def worker_names(settings: ClusterSettings) -> list[str]:
     """Workers with a pid file, in index order."""
+    prefix, suffix = f"spark-{IDENT}-{WORKER_CLASS}-", ".pid"
     if not os.path.isdir(settings.state_dir):
         return []
-    names = [n[: -len(".pid")] for n in os.listdir(settings.state_dir) if n.startswith("worker-") and n.endswith(".pid")]
-    return sorted(names, key=lambda n: int(n.split("-", 1)[1]) if n.split("-", 1)[1].isdigit() else 0)
+    found = [n[len(prefix) : -len(suffix)] for n in os.listdir(settings.state_dir)
+             if n.startswith(prefix) and n.endswith(suffix)]
+    return [f"worker-{i}" for i in sorted(int(n) for n in found if n.isdigit())]
 
 
+def _living(pids: list[int]) -> set[int]:
+    """Those of ``pids`` that run (zombies excluded), as ``ps`` sees them."""
+    if not pids:
+        return set()
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, pids))],
+                         capture_output=True, text=True, check=False).stdout
+    return {int(f[0]) for f in (line.split() for line in out.splitlines()) if len(f) == 2 and f[1][0] not in "ZX"}
+
+
+def _wait_exit(pids: dict[str, int], log: Callable[[str], None]) -> None:
+    """Wait until the stopped JVMs have exited; SIGKILL what is left after :data:`STOP_TIMEOUT_S`."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and _living(list(pids.values())):
+        time.sleep(0.2)
+    left = _living(list(pids.values()))
+    for name, pid in pids.items():
+        if pid in left:
+            os.kill(pid, signal.SIGKILL)
+            log(f"{name} (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s: killed")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the script lacks: locking, ports, the master's view
+# ---------------------------------------------------------------------------------------------
 @contextmanager
 def _locked(settings: ClusterSettings) -> Iterator[None]:
     """Serialize start and stop of one cluster folder across processes."""
@@ -270,41 +259,14 @@ def _locked(settings: ClusterSettings) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _spawn(settings: ClusterSettings, name: str, args: list[str], extra_env: dict[str, str]) -> int:
-    home = spark_home()
-    env = dict(os.environ)
-    # Executors inherit the worker's environment: without this they could import the project
-    # from the caller's PYTHONPATH and never prove that the shipped code zip works.
-    env.pop("PYTHONPATH", None)
-    env.update(
-        SPARK_HOME=home,
-        SPARK_LOCAL_IP=HOST,
-        SPARK_LOG_DIR=os.path.join(settings.state_dir, "logs"),
-        SPARK_DAEMON_MEMORY=os.environ.get("SPARK_DAEMON_MEMORY", "512m"),
-        **extra_env,
-    )
-    os.makedirs(os.path.dirname(settings.log_file(name)), exist_ok=True)
-    with open(settings.log_file(name), "ab") as log:
-        proc = subprocess.Popen(
-            [os.path.join(home, "bin", "spark-class"), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=settings.state_dir,
-            start_new_session=True,  # its own process group: stop ends it with its children
-        )
-    _write_pid(settings, name, proc.pid)
-    return proc.pid
-
-
-def _log_tail(settings: ClusterSettings, name: str, lines: int = 5) -> str:
+def _recorded(settings: ClusterSettings) -> ClusterSettings:
+    """``settings`` with the ports the cluster of its folder was started with (``cluster.json``)."""
     try:
-        with open(settings.log_file(name), encoding="utf-8", errors="replace") as f:
-            tail = [line.strip() for line in f.readlines()[-lines:] if line.strip()]
-    except OSError:
-        return ""
-    return " | ".join(tail)
+        with open(os.path.join(settings.state_dir, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        return replace(settings, port=int(state["port"]), webui_port=int(state["webui_port"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return settings
 
 
 def _port_free(port: int) -> bool:
@@ -331,21 +293,16 @@ def alive_workers(state: dict | None) -> list[dict]:
     return [w for w in (state or {}).get("workers", []) if w.get("state") == "ALIVE"]
 
 
-def _wait(
-    what: str, ready: Callable[[], bool], settings: ClusterSettings, watched: list[str], timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
+def _wait(what: str, ready: Callable[[], bool], settings: ClusterSettings, watched: list[str]) -> None:
+    """Until ``ready()``; a watched daemon that exits meanwhile, or :data:`START_TIMEOUT_S`, is an error."""
+    deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
         for name in watched:
-            if _running_pid(settings, name) is None:
-                raise ClusterError(
-                    f"Spark {name} exited while waiting for {what}: see {settings.log_file(name)} "
-                    f"({_log_tail(settings, name)})"
-                )
+            if running_pid(settings, name) is None:
+                raise ClusterError(f"Spark {name} exited while waiting for {what}: see {settings.log_file(name)}")
         if time.monotonic() > deadline:
             raise ClusterError(
-                f"timed out after {timeout:.0f} s waiting for {what}: see the logs in "
-                f"{os.path.join(settings.state_dir, 'logs')}"
+                f"timed out after {START_TIMEOUT_S:.0f} s waiting for {what}: see the logs in {settings.log_dir}"
             )
         time.sleep(0.5)
 
@@ -353,6 +310,54 @@ def _wait(
 # ---------------------------------------------------------------------------------------------
 # start / stop / status
 # ---------------------------------------------------------------------------------------------
+def _start_master(settings: ClusterSettings, log: Callable[[str], None]) -> None:
+    """Start the master unless this folder's runs, on the same ports (else an error naming it)."""
+    running, pid = _recorded(settings), running_pid(settings, "master")
+    if pid is not None and running != settings:
+        raise ClusterError(
+            f"the cluster of {settings.state_dir} already runs at {running.master_url} "
+            f"(web UI port {running.webui_port}): stop it first (./wrapper.sh cluster stop), "
+            f"or use another XRAY_CLUSTER_DIR"
+        )
+    if pid is not None:
+        log(f"Spark master {settings.master_url} already running (pid {pid})")
+        return
+    for port, option in ((settings.port, "XRAY_CLUSTER_PORT"), (settings.webui_port, "XRAY_CLUSTER_WEBUI_PORT")):
+        if not _port_free(port):
+            raise ClusterError(
+                f"port {port} on {HOST} is in use (another Spark master or program?): stop it, "
+                f"or pick another port with {option}=PORT"
+            )
+    write_json_atomic(
+        os.path.join(settings.state_dir, STATE_FILE),
+        {"master_url": settings.master_url, "webui_url": settings.webui_url, "port": settings.port,
+         "webui_port": settings.webui_port, "spark_home": spark_home()},
+    )
+    args = ("--host", HOST, "--port", str(settings.port), "--webui-port", str(settings.webui_port))
+    # Fail rather than silently moving to the next port.
+    opts = f"-Dspark.port.maxRetries=0 {os.environ.get('SPARK_MASTER_OPTS', '')}".strip()
+    _launch(settings, [("master", args, {"SPARK_MASTER_OPTS": opts})])
+    _wait("the master", lambda: master_state(settings) is not None, settings, ["master"])
+    log(f"started Spark master {settings.master_url} (web UI {settings.webui_url})")
+
+
+def _start_workers(settings: ClusterSettings, names: list[str]) -> None:
+    """Start those of ``names`` that are not running, each with an empty work folder of its own."""
+    daemons = []
+    for name in names:
+        if running_pid(settings, name) is not None:
+            continue
+        work = settings.work_dir(name)
+        # Earlier applications' folders hold shipped files (code zip, weights copies of ~100 MB).
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(os.path.join(work, "local"), exist_ok=True)
+        args = (settings.master_url, "--host", HOST, "--cores", str(settings.worker_cores),
+                "--memory", settings.worker_memory, "--work-dir", work,
+                "--webui-port", "0")  # any free port: never collides with a user's workers
+        daemons.append((name, args, {"SPARK_LOCAL_DIRS": os.path.join(work, "local")}))
+    _launch(settings, daemons)
+
+
 def start(workers: int, settings: ClusterSettings | None = None, log: Callable[[str], None] = print) -> str:
     """Start the master and workers 1..``workers`` that are not running yet; the master URL.
 
@@ -361,70 +366,15 @@ def start(workers: int, settings: ClusterSettings | None = None, log: Callable[[
     settings = settings or ClusterSettings.from_env()
     if workers < 1:
         raise ClusterError(f"--workers {workers}: expected at least 1")
-    home = spark_home()
+    _check_tools()
     with _locked(settings):
-        state_path = os.path.join(settings.state_dir, STATE_FILE)
-        running_settings, master = _running_settings(settings)
-        if master is not None and running_settings != settings:
-            raise ClusterError(
-                f"the cluster of {settings.state_dir} already runs at {running_settings.master_url} "
-                f"(web UI port {running_settings.webui_port}): stop it first (./wrapper.sh cluster stop), "
-                f"or use another XRAY_CLUSTER_DIR"
-            )
-        if master is None:
-            for port, option in ((settings.port, "XRAY_CLUSTER_PORT"), (settings.webui_port, "XRAY_CLUSTER_WEBUI_PORT")):
-                if not _port_free(port):
-                    raise ClusterError(
-                        f"port {port} on {HOST} is in use (another Spark master or program?): stop it, "
-                        f"or pick another port with {option}=PORT"
-                    )
-            _spawn(
-                settings,
-                "master",
-                [MASTER_CLASS, "--host", HOST, "--port", str(settings.port), "--webui-port", str(settings.webui_port)],
-                # Fail rather than silently moving to the next port.
-                {"SPARK_MASTER_OPTS": f"-Dspark.port.maxRetries=0 {os.environ.get('SPARK_MASTER_OPTS', '')}".strip()},
-            )
-            write_json_atomic(
-                state_path,
-                {"master_url": settings.master_url, "webui_url": settings.webui_url, "spark_home": home},
-            )
-            _wait("the master", lambda: master_state(settings) is not None, settings, ["master"], START_TIMEOUT_S)
-            log(f"started Spark master {settings.master_url} (web UI {settings.webui_url})")
-        else:
-            log(f"Spark master {settings.master_url} already running (pid {master})")
-
+        _start_master(settings, log)
         names = [f"worker-{i}" for i in range(1, workers + 1)]
-        for name in names:
-            if _running_pid(settings, name) is not None:
-                continue
-            work = settings.work_dir(name)
-            # A fresh worker starts with an empty work folder: earlier applications' folders hold
-            # shipped files (code zip, weights copies of ~100 MB) and would pile up.
-            shutil.rmtree(work, ignore_errors=True)
-            os.makedirs(os.path.join(work, "local"), exist_ok=True)
-            _spawn(
-                settings,
-                name,
-                [
-                    WORKER_CLASS, settings.master_url,
-                    "--host", HOST,
-                    "--cores", str(settings.worker_cores),
-                    "--memory", settings.worker_memory,
-                    "--work-dir", work,
-                    "--webui-port", "0",  # any free port: never collides with a user's workers
-                ],
-                {"SPARK_LOCAL_DIRS": os.path.join(work, "local")},
-            )
-        running = [n for n in _worker_names(settings) if _running_pid(settings, n) is not None]
+        _start_workers(settings, names)
+        running = [n for n in worker_names(settings) if running_pid(settings, n) is not None]
         want = max(workers, len(running))
-        _wait(
-            f"{want} alive worker(s) at {settings.master_url}",
-            lambda: len(alive_workers(master_state(settings))) >= want,
-            settings,
-            ["master", *names],
-            START_TIMEOUT_S,
-        )
+        _wait(f"{want} alive worker(s) at {settings.master_url}",
+              lambda: len(alive_workers(master_state(settings))) >= want, settings, ["master", *names])
         if len(running) > workers:
             log(f"note: {len(running)} workers are running (asked for {workers}); the extra ones were left running")
         log(
@@ -434,44 +384,31 @@ def start(workers: int, settings: ClusterSettings | None = None, log: Callable[[
     return settings.master_url
 
 
-def cluster_pids(settings: ClusterSettings | None = None) -> list[int]:
-    """Every running process of the cluster: master, workers, their executors and Python workers."""
-    settings = settings or ClusterSettings.from_env()
-    pids: list[int] = []
-    for name in ["master", *_worker_names(settings)]:
-        pid = _running_pid(settings, name)
-        if pid is not None:
-            pids += [pid, *_descendants(pid)]
-    return pids
-
-
-def kill_worker(name: str, settings: ClusterSettings | None = None) -> list[int]:
-    """SIGKILL one worker with its executors and Python workers, as if its machine died."""
-    settings = settings or ClusterSettings.from_env()
-    pid = _running_pid(settings, name)
-    if pid is None:
-        raise ClusterError(f"{name} is not running in {settings.state_dir}")
-    return _signal_tree(pid, signal.SIGKILL)
+def _stop_daemons(settings: ClusterSettings, names: list[str], log: Callable[[str], None]) -> int:
+    """``spark-daemon.sh stop`` for each of ``names`` at once, then wait for them; the number stopped."""
+    pids = {name: pid for name in names if (pid := running_pid(settings, name)) is not None}
+    for name in pids:
+        _daemon(settings, "stop", name).communicate()
+    _wait_exit(pids, log)
+    for name in names:
+        if name in pids:
+            log(f"stopped {name} (pid {pids[name]})")
+        try:  # the script leaves the pid file of a daemon that had died
+            os.remove(settings.pid_file(name))
+        except FileNotFoundError:
+            pass
+    return len(pids)
 
 
 def stop(settings: ClusterSettings | None = None, log: Callable[[str], None] = print) -> int:
-    """Stop every worker, then the master; removes their pid files. The number stopped."""
+    """Stop every worker (each ends its executors), then the master. The number stopped."""
     settings = settings or ClusterSettings.from_env()
     if not os.path.isdir(settings.state_dir):
         log(f"no cluster in {settings.state_dir}")
         return 0
-    stopped = 0
     with _locked(settings):
-        for name in [*_worker_names(settings), "master"]:
-            pid = _running_pid(settings, name)
-            if pid is not None:
-                _terminate(pid)
-                stopped += 1
-                log(f"stopped {name} (pid {pid})")
-            try:
-                os.remove(settings.pid_file(name))
-            except FileNotFoundError:
-                pass
+        stopped = _stop_daemons(settings, worker_names(settings), log)
+        stopped += _stop_daemons(settings, ["master"], log)
         try:
             os.remove(os.path.join(settings.state_dir, STATE_FILE))
         except FileNotFoundError:
@@ -483,13 +420,14 @@ def stop(settings: ClusterSettings | None = None, log: Callable[[str], None] = p
 
 def status(settings: ClusterSettings | None = None, log: Callable[[str], None] = print) -> bool:
     """Print the cluster's processes and what the master reports; True when the master runs."""
-    settings, master = _running_settings(settings or ClusterSettings.from_env())
+    settings = _recorded(settings or ClusterSettings.from_env())
+    master = running_pid(settings, "master")
     if master is None:
         log(f"no Spark master running for {settings.state_dir} (start one: ./wrapper.sh cluster start)")
     else:
         log(f"master    pid {master:<8} {settings.master_url}  web UI {settings.webui_url}")
-    for name in _worker_names(settings):
-        pid = _running_pid(settings, name)
+    for name in worker_names(settings):
+        pid = running_pid(settings, name)
         log(f"{name:<9} {'pid ' + str(pid) if pid else 'not running':<12} log {settings.log_file(name)}")
     state = master_state(settings) if master is not None else None
     if state is not None:

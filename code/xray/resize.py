@@ -41,7 +41,7 @@ def normalize_image(data: bytes, *, size: int, mode: str, max_pixels: int, origi
     """Image bytes decoded, in ``mode``, ``size`` x ``size``, as PNG: what the resize job writes.
 
     Raises InvalidImageError (with the reason) for a file that is not a usable image."""
-    image = resize_pil(decode_to_pil(data, max_pixels=max_pixels, origin=origin, mode=mode), (size, size))
+    image = resize_pil(decode_to_pil(data, max_pixels=max_pixels, origin=origin, mode=mode, limit_name="max_image_pixels"), (size, size))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
