@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from conftest import ROOT, make_dataset
 from xray.config import load_config
 from xray.errors import DataError
-from xray.run import run_experiment
+from xray.run import Phases, _cross_validation, run_experiment
 from xray.split import assign_split, with_split
 
 
@@ -181,3 +181,14 @@ def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tm
         assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
         for cls in ("Covid-19", "No_findings"):  # the good files were kept
             assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
+
+
+def test_group_folds_that_train_without_a_class_stop_the_run(config):
+    exp = config.experiment("ResNet50_binary_classification", ["cv_folds=2"])
+    keys = [(f"file:/d/Covid-19/00000001_{i:03d}.png", "Covid-19") for i in range(6)]  # one patient
+    keys += [(f"file:/d/No_findings/n{i}.png", "No_findings") for i in range(12)]
+    rows = assign_split(keys, 42, 0.2, 2, exp.group_pattern)
+    assert {r.is_test for r in rows if r.label == "Covid-19"} == {False}  # too large for the test side
+    with pytest.raises(DataError, match=r"^cv_folds=2: fold [01] would be validated by a model trained without "
+                                        r"Covid-19: .*: lower cv_folds$"):
+        _cross_validation(exp, None, rows, ["Covid-19", "No_findings"], print, Phases())

@@ -71,7 +71,7 @@ def _group_pattern(key, value):
                           f"or set it empty for one group per image") from None
     if compiled.groups < 1:
         raise ConfigError(f"{key}: {value!r} has no capturing group: put the part of the file name that "
-                          f"names the group in parentheses, e.g. '^(\\d{{8}})_\\d{{3}}\\.'")
+                          f"names the group in parentheses, e.g. '^(\\d{{8}})_\\d{{3}}'")
     return value
 
 
