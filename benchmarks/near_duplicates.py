@@ -57,7 +57,7 @@ def _generator(dim: int, planted: int):
                 copy_of = i - 1 if i % TEST_EVERY == 1 and i // TEST_EVERY < planted else None
                 v = _row_vector(int(copy_of if copy_of is not None else i), dim)
                 if copy_of is not None and (i // TEST_EVERY) % 2:
-                    v = v + np.random.default_rng(-i if i else 1).normal(0, 0.005, dim).astype(np.float32)
+                    v = v + np.random.default_rng((1, int(i))).normal(0, 0.005, dim).astype(np.float32)
                 vectors.append(v)
             yield pd.DataFrame({"path": [f"img{i:07d}.png" for i in ids], "v": vectors,
                                 "is_test": ids % TEST_EVERY == 0})

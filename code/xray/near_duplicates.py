@@ -15,13 +15,12 @@ down-and-up-scaled copies stay at or above 0.995 (benchmarks/README.md has the f
 Memory stays linear in the number of images: the standardised, L2-normalised test vectors
 (float32) are broadcast once; each task compares one Arrow batch of training rows with them (a
 block of ``batch x n_test`` similarities at a time) and emits only the pairs above the
-threshold; the driver counts them as they stream in and keeps the :data:`MAX_LISTED` most
-similar.
+threshold; they are counted on the executors and only the :data:`MAX_LISTED` most similar reach the
+driver.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,35 +105,45 @@ def _vectors(rows: DataFrame) -> DataFrame:
     return rows.select("path", vector_to_array("features", "float32").alias("v"))
 
 
+def _as_bytes(batches):
+    """mapInPandas: each vector as its float32 bytes (no Python float objects on the driver)."""
+    for batch in batches:
+        yield pd.DataFrame({"path": batch["path"], "v": [np.asarray(v, dtype=np.float32).tobytes() for v in batch["v"]]})
+
+
+def _test_vectors(split: DataFrame) -> tuple[list[str], np.ndarray]:
+    """(paths, float32 matrix) of the test rows, collected as bytes: n_test x dim x 4 bytes."""
+    rows = _vectors(split.filter(F.col("is_test"))).mapInPandas(_as_bytes, "path string, v binary").collect()
+    if not rows:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    return [r.path for r in rows], np.stack([np.frombuffer(r.v, dtype=np.float32) for r in rows])
+
+
 def find_near_duplicates(split: DataFrame, threshold: float) -> NearDuplicates:
     """The train-test pairs of ``split`` (rows with ``path``, ``features``, ``is_test``) whose
     standardised feature vectors have cosine similarity >= ``threshold``."""
-    test = _vectors(split.filter(F.col("is_test"))).toPandas()
+    test_paths, test = _test_vectors(split)
     result = NearDuplicates(threshold)
-    if test.empty:
+    if not test_paths:
         return result
     standardise = feature_stats(split)
-    shared = split.sparkSession.sparkContext.broadcast((standardise(np.stack(test["v"].to_numpy())), standardise))
+    shared = split.sparkSession.sparkContext.broadcast((standardise(test), standardise))
+    del test
+    found = _vectors(split.filter(~F.col("is_test"))).mapInPandas(_pair_finder(shared, threshold), PAIR_SCHEMA).cache()
     try:
-        found = _vectors(split.filter(~F.col("is_test"))).mapInPandas(_pair_finder(shared, threshold), PAIR_SCHEMA)
-        _collect(result, found.toLocalIterator(), test["path"].tolist())
+        _collect(result, found, test_paths)
     finally:
+        found.unpersist()
         shared.unpersist()
     return result
 
 
-def _collect(result: NearDuplicates, rows, test_paths: list[str]) -> None:
-    """Count every pair; keep the MAX_LISTED most similar (a bounded heap), most similar first."""
-    heap: list[tuple[float, str, str]] = []
-    tests, trains = set(), set()
-    for r in rows:
-        result.pairs += 1
-        tests.add(r.test_index)
-        trains.add(r.train_path)
-        item = (r.similarity, r.train_path, test_paths[r.test_index])
-        if len(heap) < MAX_LISTED:
-            heapq.heappush(heap, item)
-        else:
-            heapq.heappushpop(heap, item)
-    result.test_images, result.train_images = len(tests), len(trains)
-    result.listed = [(train, test, sim) for sim, train, test in sorted(heap, key=lambda t: (-t[0], t[1], t[2]))]
+def _collect(result: NearDuplicates, found: DataFrame, test_paths: list[str]) -> None:
+    """Count the pairs (``found`` is cached: the search runs once, on every partition at once) and
+    bring the MAX_LISTED most similar to the driver, most similar first."""
+    counts = found.agg(F.count("*").alias("pairs"), F.countDistinct("test_index").alias("tests"),
+                       F.countDistinct("train_path").alias("trains")).first()
+    result.pairs, result.test_images, result.train_images = counts["pairs"], counts["tests"], counts["trains"]
+    if result.pairs:
+        top = found.orderBy(F.desc("similarity"), "train_path", "test_index").limit(MAX_LISTED).collect()
+        result.listed = [(r.train_path, test_paths[r.test_index], r.similarity) for r in top]
