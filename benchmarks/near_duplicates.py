@@ -99,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[*]")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
+    try:
+        sizes = [int(v) for v in args.images.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < TEST_EVERY:
+        parser.error(f"--images: expected comma-separated numbers of at least {TEST_EVERY}, got {args.images!r}")
     spark = (SparkSession.builder.master(args.master).appName("near-duplicates-benchmark")
              .config("spark.driver.memory", "1g").config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     results = []
     try:
-        for n in (int(v) for v in args.images.split(",")):
+        for n in sizes:
             results.append(run_size(spark, n, args.dim, args.planted, args.threshold))
             _print(results[-1])
     finally:
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, {"date": datetime.date.today().isoformat(), "cores": os.cpu_count(),
                                       "settings": vars(args), "results": results})
+        print(f"wrote {args.json}")
     return 0 if all(r["planted_found"] == r["planted"] for r in results) else 1
 
 
