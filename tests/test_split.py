@@ -166,6 +166,15 @@ def test_grouped_split_is_deterministic_and_seeded():
     assert {r.group for r in other if r.is_test} != {r.group for r in rows if r.is_test}
 
 
+def test_the_seed_is_an_int():
+    keys = _patients(7)
+    rows = assign_split(keys, 42, 0.2, 3, NIH)
+    assert assign_split(keys, np.int64(42), 0.2, 3, NIH) == rows  # an integer of any type: the same split
+    for bad in ((1, 42), "42", 42.0, True, None):  # hashed as text, each would split silently
+        with pytest.raises(TypeError, match=r"^seed: expected an int, got "):
+            assign_split(keys, bad, 0.2, 3, NIH)
+
+
 def test_fold_gaps_name_the_class_a_fold_would_train_without():
     keys = [(f"file:/d/a/p1_{i}.png", "a") for i in range(6)] + _keys({"b": 12})
     rows = assign_split(keys, 1, 0.2, 2, r"^(p\d)_")

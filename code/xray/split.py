@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -99,6 +100,14 @@ def _groups(keys, pattern: str | None, seed: int) -> list[_Group]:
     return sorted(groups, key=lambda g: g.order)
 
 
+def _checked_seed(seed) -> int:
+    """``seed`` as a plain int. The split hashes the seed's text, so anything else would pass
+    silently: a tuple such as ``(1, i)``, a string, or ``True`` (which splits unlike ``1``)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected an int, got {seed!r}")
+    return int(seed)
+
+
 def _fill_score(counts: Counter, filled: Counter, target: dict[str, float]) -> float:
     """How full a side (or fold) would be, relative to its per-class target, with a group added
     (weighted by the group's images per class)."""
@@ -157,7 +166,7 @@ def assign_split(keys, seed: int, test_fraction: float, cv_folds: int = 0,
     """Every (path, label) pair's group, side and fold (see the module docstring), sorted by class
     and path. The same pairs, seed and settings give the same rows, in any input order."""
     keys = list(keys)
-    groups = _groups(keys, group_pattern, seed)
+    groups = _groups(keys, group_pattern, _checked_seed(seed))
     totals = Counter(label for _, label in keys)
     n_test = wanted_in_test(keys, test_fraction)
     test = _choose_test(groups, n_test, {c: totals[c] - n_test[c] for c in totals})
