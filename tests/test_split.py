@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from xray.split import assign_split, fold_gaps, group_of, split_rows, split_summary, with_split
 
 NIH = r"^(\d{8})_\d{3}\."
@@ -164,6 +169,26 @@ def test_grouped_split_is_deterministic_and_seeded():
         [(r.group, r.is_test, r.fold) for r in rows]
     other = assign_split(keys, 43, 0.2, 4, NIH)
     assert {r.group for r in other if r.is_test} != {r.group for r in rows if r.is_test}
+
+
+SPLIT_IN_A_NEW_PROCESS = """
+import json, sys
+from xray.split import assign_split
+keys, pattern = json.load(sys.stdin)
+print(json.dumps([(r.path, r.group, r.is_test, r.fold) for r in assign_split(map(tuple, keys), 42, 0.2, 4, pattern)]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_grouped_split():
+    """Two runs are two processes: their string hashing differs (here: randomised, there: off), the split does not."""
+    keys = _patients(8)
+    here = [[r.path, r.group, r.is_test, r.fold] for r in assign_split(keys, 42, 0.2, 4, NIH)]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.path.join(ROOT, "code")}
+    proc = subprocess.run([sys.executable, "-c", SPLIT_IN_A_NEW_PROCESS], input=json.dumps([keys, NIH]),
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == here
 
 
 def test_the_seed_is_an_int():
