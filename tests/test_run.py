@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -152,6 +153,14 @@ def test_patient_groups_and_a_planted_near_duplicate_end_to_end(spark, config, t
     assert names["00000100_000.png"]["side"] == names["00000100_002.png"]["side"]  # identical follow-up: one side
     assert (names[original]["side"], names[copy]["side"]) == ("train", "test")
     assert m["split"]["groups"] == 8 + 5 and m["split"]["per_class"]["No_findings"]["images"] == 10
+    # class shares near test_fraction 0.34: exact for Covid-19 (one image a group), within one image of
+    # round(10 x 0.34) = 3 for No_findings (groups of 1 to 3 images); metrics.json says the same
+    tests = Counter(r["class"] for r in table if r["side"] == "test")
+    assert tests["Covid-19"] == 3 and abs(tests["No_findings"] - 3) <= 1
+    assert {c: v["test_images"] for c, v in m["split"]["per_class"].items()} == dict(tests)
+    # split.csv is the split of its own (path, class) pairs: what a second run would compute from them
+    again = assign_split([(r["path"], r["class"]) for r in table], exp["seed"], 0.34, 0, exp.group_pattern)
+    assert [(r.path, r.label, r.group, r.side, str(r.fold)) for r in again] == [tuple(r.values()) for r in table]
     # the planted copy is listed, with the right roles; the identical follow-up image is not (same side)
     pairs = list(csv.DictReader(open(tmp_path / "results" / exp.name / "near_duplicates.csv", encoding="utf-8")))
     listed = {(p["train_path"].rsplit("/", 1)[1], p["test_path"].rsplit("/", 1)[1]): float(p["similarity"]) for p in pairs}
