@@ -22,6 +22,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -268,6 +269,23 @@ def _shipped_copy(weights_path: str) -> str:
         return ""
 
 
+TEST_HOLD_ENV = "IMAGEFEATURIZER_TEST_HOLD"
+"""Test hook: ``<point>:<marker file>`` makes a task that reaches ``point`` wait (see below)."""
+
+
+def hold_for_tests(point: str, seconds: float = 600.0) -> None:
+    """Nothing, unless the environment holds ``IMAGEFEATURIZER_TEST_HOLD=<point>:<marker file>``:
+    then a task reaching ``point`` ("featurize": the featurizer's UDF; the app names its own)
+    creates the marker file and waits, so that a test can interrupt a job at a known step
+    without guessing a time."""
+    point_set, _, marker = os.environ.get(TEST_HOLD_ENV, "").partition(":")
+    if point_set != point or not marker:
+        return
+    with open(marker, "a", encoding="utf-8"):
+        pass
+    time.sleep(seconds)
+
+
 # ---------------------------------------------------------------------------------------------
 # The featurizer's pandas UDF, in a worker
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +309,7 @@ def featurize_batches(
 ) -> Iterator[pd.Series]:
     """Features for each Arrow batch of (images, origins), the UDF's body."""
     for images, origins in batches:
+        hold_for_tests("featurize")
         yield featurize_series(task, images, origins)
         drop_zip_finders()  # imports of this batch included
 

@@ -29,7 +29,7 @@ from .errors import DataError, UserError
 from .features import FeaturizeStats, featurize_cached, weights_id
 from .resize import ensure_resized, task_data_checks
 from .session import spark_session
-from .split import with_split
+from .split import min_class_size, with_split
 
 
 class Phases:
@@ -89,6 +89,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     phases.mark("spark_session")
     ensure_resized(spark, exp, log)
     audit, cue_warning, invalid_raw = task_data_checks(exp, log)  # handleInvalid=error stops here
+    _check_class_sizes(exp, {c: (a["count"] - a["invalid"], a["invalid"]) for c, a in audit.items()})
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
     extra = _extra_classes(exp, also_classes)
@@ -107,12 +108,28 @@ def _check_before_spark(exp: Experiment, log) -> None:
             run_download(exp, log=log)
         except UserError as exc:
             raise DataError(f"data folder {exp.raw_dir} not found, and fetching it failed: {exc}") from None
-    ignored = describe_ignored(list_dataset(exp.raw_dir, exp.classes))
+    listing = list_dataset(exp.raw_dir, exp.classes)
+    ignored = describe_ignored(listing)
     if ignored:
         log(ignored)
+    _check_class_sizes(exp, {c: (len(files), 0) for c, files in listing.files.items()})
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
+
+
+def _check_class_sizes(exp: Experiment, sizes: dict[str, tuple[int, int]]) -> None:
+    """Each class has enough images for the split (and the folds), before any work on them:
+    ``sizes`` is class -> (usable images, invalid ones left out)."""
+    tf, folds = exp["test_fraction"], exp["cv_folds"]
+    need = min_class_size(tf, folds)
+    for cls, (n, invalid) in sizes.items():
+        if n < need:
+            usable = f" usable ({invalid} invalid left out)" if invalid else ""
+            train = f"{folds} for training (cv_folds={folds})" if folds > 1 else "one for training"
+            raise DataError(
+                f"class {cls} needs at least {need} images, {os.path.join(exp.raw_dir, cls)} has {n}{usable}: "
+                f"the test split takes at least one (test_fraction={tf}) and {train}; add images to it")
 
 
 def _extra_classes(exp: Experiment, also_classes) -> list[str]:

@@ -34,10 +34,25 @@ def split_rows(keys, seed: int, test_fraction: float, cv_folds: int = 0) -> list
             name = path.rsplit("/", 1)[-1]
             return hashlib.sha256(f"{label}\0{name}\0{seed}".encode()).hexdigest(), name
 
-        n_test = max(1, math.floor(len(paths) * test_fraction + 0.5))
+        n_test = test_count(len(paths), test_fraction)
         for rank, path in enumerate(sorted(paths, key=order)):
             rows.append((path, rank < n_test, -1 if rank < n_test else (rank - n_test) % folds))
     return rows
+
+
+def test_count(n: int, test_fraction: float) -> int:
+    """Test images of a class of ``n``: ``n * test_fraction`` rounded (half up), at least one."""
+    return max(1, math.floor(n * test_fraction + 0.5))
+
+
+def min_class_size(test_fraction: float, cv_folds: int = 0) -> int:
+    """The fewest images a class needs: its test images (:func:`test_count`) and at least one
+    training image, or one per cross-validation fold."""
+    train = max(1, cv_folds)
+    n = train + 1
+    while n - test_count(n, test_fraction) < train:
+        n += 1
+    return n
 
 
 def with_split(df: DataFrame, seed: int, test_fraction: float, cv_folds: int = 0, keys=None) -> DataFrame:
