@@ -40,6 +40,24 @@ def _one_covid_image(tmp_path) -> str:
     return raw
 
 
+def _garbage_weights(tmp_path) -> str:
+    path = tmp_path / "garbage.h5"
+    path.write_bytes(b"\x00garbage" * 100)
+    return str(path)
+
+
+def _other_weights(tmp_path) -> str:
+    """An HDF5 weights file of another network (two arrays)."""
+    import h5py
+    import numpy as np
+
+    path = tmp_path / "other.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.zeros((8, 2), np.float32))
+        f.create_dataset("layers/dense/vars/1", data=np.zeros((2,), np.float32))
+    return str(path)
+
+
 CASES = {
     "unknown experiment": (
         lambda t: ["run", "ResNet51_binary_classification"],
@@ -79,6 +97,16 @@ CASES = {
     ),
     "spark.conf as a value": (
         lambda t: ["run", "dataset_resize", "--set", "spark.conf=1"], ["'spark.conf' is a section of Spark settings"]
+    ),
+    "garbage weights file": (
+        lambda t: ["run", "ResNet50_binary_classification", "--set", f"dataset.raw_dir={make_dataset(t / 'raw')}",
+                   "--set", f"weights={_garbage_weights(t)}"],
+        ["garbage.h5' is not a Keras weights file (not HDF5): give the weights file of ResNet50 without its top"],
+    ),
+    "weights of another network": (
+        lambda t: ["run", "ResNet50_binary_classification", "--set", f"dataset.raw_dir={make_dataset(t / 'raw')}",
+                   "--set", f"weights={_other_weights(t)}"],
+        ["does not fit ResNet50 without its top: it holds 2 weight arrays (18 values); ResNet50 has 318"],
     ),
     "a class with one image": (
         lambda t: ["run", "VGG16_binary_classification", "--set", "weights=random",

@@ -16,6 +16,8 @@ import sys
 import time
 import traceback
 
+from imagefeaturizer.backbones import WeightsError
+
 from . import session
 from .config import load_config, parse_set
 from .errors import UserError, one_line, user_message
@@ -146,9 +148,9 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the details in the log
         if session.interrupted():  # an error while Ctrl-C stopped Spark is the interruption's
             return _interrupted(log)
-        if isinstance(exc, UserError):
+        if isinstance(exc, (UserError, WeightsError)):  # found here, before or without Spark: no details
             print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return getattr(exc, "exit_code", 2)
         return _failed(exc, log)
     finally:
         _stop_log(log)
