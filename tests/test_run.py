@@ -12,6 +12,7 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from conftest import ROOT, make_dataset
+from xray import reports
 from xray.config import load_config
 from xray.errors import DataError
 from xray.run import run_experiment
@@ -123,3 +124,38 @@ def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tm
         assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
         for cls in ("Covid-19", "No_findings"):  # the good files were kept
             assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.mark.slow
+def test_a_results_folder_is_one_runs_whole(spark, config, tmp_path, monkeypatch):
+    """A run that dies right after saving its model leaves the previous run's folder as it was
+    (model, metrics.json and config.json of one run); a run that succeeds replaces all of it."""
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=4)
+    exp = config.experiment("VGG16_binary_classification", _overrides(tmp_path, raw))
+    run_experiment(exp, log=lambda *_: None)
+    folder = tmp_path / "results" / exp.name
+    first = _files(folder)
+    assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops here: its model is saved, nothing else yet
+
+    other = config.experiment(exp.name, _overrides(tmp_path, raw, "classifier.regParam=0.5"))
+    monkeypatch.setattr(reports, "write_experiment_reports", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(other, log=lambda *_: None)
+    assert _files(folder) == first
+    assert os.listdir(tmp_path / "results") == [exp.name]  # no staging or old folder left
+
+    monkeypatch.undo()
+    (folder / "predictions.csv").write_text("of the first model\n")
+    m = run_experiment(other, log=lambda *_: None)
+    second = _files(folder)
+    assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
+    assert json.loads(second["metrics.json"])["config"]["classifier"]["regParam"] == 0.5 == m["config"]["classifier"]["regParam"]
+    assert json.loads(second["config.json"])["settings"]["classifier"]["regParam"] == 0.5

@@ -20,10 +20,9 @@ from imagefeaturizer.backbones import WeightsError
 
 from . import session
 from .config import load_config, parse_set
-from .errors import UserError, one_line, user_message
+from .errors import LOG_FOLDER, UserError, one_line, user_message
 
 DEFAULT_CONFIG = "config.yaml"
-LOGS = "logs"  # the folder of the log files, inside results_dir
 KEEP_LOGS = 20  # the newest log files kept; older ones go when a new one starts
 CALLER_CWD = "XRAY_CALLER_CWD"  # set by wrapper.sh: the folder it was called from
 CONFIG_ENV = "XRAY_CONFIG"  # the config file when --config is not given (wrapper.sh's --config sets it)
@@ -197,7 +196,7 @@ def _start_log(args) -> str | None:
     for assignment in args.overrides:
         key, value = parse_set(assignment)
         results = str(value) if key == ["results_dir"] else results
-    folder = os.path.join(os.path.dirname(os.path.abspath(config.path)), os.path.expanduser(results), LOGS)
+    folder = os.path.join(os.path.dirname(os.path.abspath(config.path)), os.path.expanduser(results), LOG_FOLDER)
     _prune_logs(folder)
     path = os.path.join(folder, f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
     handler = _LogFileHandler(path, delay=True, encoding="utf-8")

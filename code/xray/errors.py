@@ -7,6 +7,10 @@ import re
 from imagefeaturizer.backbones import WeightsError
 
 
+LOG_FOLDER = "logs"
+"""Inside results_dir: the command line's log files and a sweep's tracebacks of failed experiments."""
+
+
 class UserError(Exception):
     """Something the user can fix (config, data, paths, weights); str() is the whole message."""
 

@@ -21,11 +21,11 @@ from typing import Any, Callable
 from . import reports
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, parse_set
-from .errors import one_line, user_message
+from .errors import LOG_FOLDER, one_line, user_message
 from .run import fit_and_report, prepare_features
 from .session import interrupted
 
-ERROR_LOG = "error.log"
+ERROR_LOG = "{experiment}-error.log"  # in results/logs/: the traceback of an unexpected failure
 DEFAULT_PATTERN = "*_classification"
 HEAD_THREADS = 2  # experiments splitting, fitting and reporting at once (featurization: one at a time)
 
@@ -102,10 +102,11 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
                         raise  # Ctrl-C: this error is the interruption's, not the experiment's
                     board.failed(i, exc)
                     continue
-                pending.append(pool.submit(_fit_and_record, board, i, prepared))
+                pending.append((pool.submit(_fit_and_record, board, i, prepared), prepared))
         except BaseException:  # e.g. Ctrl-C: experiments not started yet are not started
-            for future in pending:
-                future.cancel()
+            for future, prepared in pending:
+                if future.cancel():
+                    prepared.discard()  # its staging folder: results/<experiment> stays as it was
             raise
     return board.finish()
 
@@ -137,7 +138,7 @@ class _Board:
     def succeeded(self, i: int, metrics: dict, results_dir: str) -> None:
         with self._lock:
             self.rows[i] = reports.summary_row(self.names[i], metrics)
-            stale_log = os.path.join(results_dir, ERROR_LOG)
+            stale_log = self._error_log(i)
             if os.path.exists(stale_log):
                 os.unlink(stale_log)
             self.log(reports.format_result(metrics, results_dir))
@@ -150,12 +151,16 @@ class _Board:
         with self._lock:
             reason = one_line(exc)
             if user_message(exc) is None:
-                path = os.path.join(self.root, name, ERROR_LOG)
+                path = self._error_log(i)
                 write_text_atomic(path, "".join(traceback.format_exception(exc)))
                 reason += f" (traceback in {path})"
             self.rows[i] = self._failed_row(i, "failed", reason)
             self.log(f"FAILED {name}: {reason}")
             reports.write_summary(self.root, self.rows)
+
+    def _error_log(self, i: int) -> str:
+        """Outside the experiment's results folder, which holds one whole run (or nothing)."""
+        return os.path.join(self.root, LOG_FOLDER, ERROR_LOG.format(experiment=self.names[i]))
 
     def finish(self) -> int:
         """The closing lines; 0 when every experiment succeeded, else 1."""
