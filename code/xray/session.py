@@ -146,7 +146,7 @@ def _start(builder) -> SparkSession:
     """
     if interrupted():
         raise KeyboardInterrupt  # never a new session after Ctrl-C (e.g. a sweep's next experiment)
-    with _sigint_handler_kept(), _jvm_output_to(_log_file) as offset:
+    with _sigint_handler(), _jvm_output_to(_log_file) as offset:
         try:
             return builder.getOrCreate()
         except Exception as exc:
@@ -157,15 +157,18 @@ def _start(builder) -> SparkSession:
 
 
 @contextlib.contextmanager
-def _sigint_handler_kept():
+def _sigint_handler(handler=None):
+    """Inside the block SIGINT has ``handler`` (None: whatever code sets), the handler from
+    before it comes back after; on the main thread only (no other thread may set one)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
+    if main and handler is not None:
+        signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        _interrupted.clear()
 
 
 @contextlib.contextmanager
@@ -219,13 +222,10 @@ def interrupts_stop_spark():
     was there before comes back at the end, and :func:`interrupted` is False again.
     """
     _interrupted.clear()
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
-        yield
+        with _sigint_handler(_on_sigint):
+            yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
         _interrupted.clear()
 
 
