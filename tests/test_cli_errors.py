@@ -163,3 +163,16 @@ def test_errors_from_spark_workers_are_one_line_naming_the_log(tmp_path, monkeyp
     log = err.strip().rsplit(" ", 1)[-1].rstrip(")")
     assert os.path.dirname(log) == str(tmp_path / "logs")
     assert "PythonRunner.scala" in open(log, encoding="utf-8").read()  # the details are kept there
+
+
+def test_old_command_logs_are_pruned_and_nothing_else(tmp_path, monkeypatch, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = [logs / f"run-20260101-0000{i:02d}-{100 + i}.log" for i in range(25)]
+    for i, path in enumerate(old):
+        path.write_text("old")
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))  # days ago, in order
+    (logs / "VGG16_binary_classification-error.log").write_text("a sweep's traceback")
+    os.utime(logs / "VGG16_binary_classification-error.log", (1_600_000_000, 1_600_000_000))
+    assert main(["run", "NoSuchExperiment", "--set", f"results_dir={tmp_path}"]) == 2
+    assert sorted(os.listdir(logs)) == sorted([p.name for p in old[5:]] + ["VGG16_binary_classification-error.log"])

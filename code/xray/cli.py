@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ from .errors import LOG_FOLDER, UserError, one_line, user_message
 
 DEFAULT_CONFIG = "config.yaml"
 KEEP_LOGS = 20  # the newest log files kept; older ones go when a new one starts
+_LOG_NAME = re.compile(r"^[a-z]+-\d{8}-\d{6}-\d+\.log$")  # <command>-<date>-<time>-<pid>.log
 CALLER_CWD = "XRAY_CALLER_CWD"  # set by wrapper.sh: the folder it was called from
 CONFIG_ENV = "XRAY_CONFIG"  # the config file when --config is not given (wrapper.sh's --config sets it)
 
@@ -175,9 +177,12 @@ def _failed(exc: Exception, log: str | None) -> int:
     """One line for any other error; its traceback goes to the log (to the terminal without one)."""
     if log is None:
         raise exc
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')} error:\n{''.join(traceback.format_exception(exc))}")
+    try:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')} error:\n{''.join(traceback.format_exception(exc))}")
+    except OSError as write_error:
+        raise exc from write_error  # no log to point at: the traceback is the only record
     message = user_message(exc)
     if message is not None:  # a known error raised inside a Spark worker
         print(f"error: {message} (details: {log})", file=sys.stderr)
@@ -215,9 +220,10 @@ class _LogFileHandler(logging.FileHandler):
 
 
 def _prune_logs(folder: str) -> None:
-    """Keep the newest :data:`KEEP_LOGS` log files (and any written in the last hour)."""
+    """Keep the newest :data:`KEEP_LOGS` command logs (and any written in the last hour); other
+    files there (a sweep's ``<experiment>-error.log``) stay."""
     try:
-        logs = sorted((os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".log")),
+        logs = sorted((os.path.join(folder, n) for n in os.listdir(folder) if _LOG_NAME.match(n)),
                       key=os.path.getmtime, reverse=True)
     except OSError:
         return
