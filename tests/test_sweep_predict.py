@@ -79,8 +79,8 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
     rows = list(csv.DictReader(open(root / "results" / "summary.csv", encoding="utf-8")))
     assert [(r["experiment"], r["status"]) for r in rows] == [
         (BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed"), (FOLDS, "failed")]
-    assert rows[3]["error"].startswith("class Covid-19 needs at least 8 images")  # 2 test and 5 training images
-    assert any(line.startswith(f"FAILED {FOLDS}: class Covid-19 needs at least 8 images") for line in logs)
+    assert rows[3]["error"].startswith("class Covid-19 needs at least 7 images")  # 2 test and 5 training images
+    assert any(line.startswith(f"FAILED {FOLDS}: class Covid-19 needs at least 7 images") for line in logs)
     # fits and reports run on other threads: their lines name the experiment
     assert any(line.startswith(f"[{MULTI}] features: 18 images") for line in logs), logs
     for r in rows[:2]:
