@@ -7,6 +7,7 @@ wrapper.sh in a subprocess.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 from pyspark.sql import SparkSession
@@ -154,6 +155,7 @@ org.apache.spark.api.python.PythonException: Traceback (most recent call last):
 ])
 def test_errors_from_spark_workers_are_one_line_naming_the_log(tmp_path, monkeypatch, capsys, error, code, line):
     def from_a_worker(args):
+        warnings.warn("toPandas attempted Arrow optimization ... \n\tat org.apache.spark.Foo")  # as PySpark does
         raise RuntimeError(_WORKER_TRACEBACK.format(error=error))
 
     monkeypatch.setitem(COMMANDS, "run", from_a_worker)
@@ -162,7 +164,8 @@ def test_errors_from_spark_workers_are_one_line_naming_the_log(tmp_path, monkeyp
     assert len(err.strip().splitlines()) == 1 and err.startswith(line), err
     log = err.strip().rsplit(" ", 1)[-1].rstrip(")")
     assert os.path.dirname(log) == str(tmp_path / "logs")
-    assert "PythonRunner.scala" in open(log, encoding="utf-8").read()  # the details are kept there
+    text = open(log, encoding="utf-8").read()
+    assert "PythonRunner.scala" in text and "toPandas attempted" in text  # the details are kept there
 
 
 def test_old_command_logs_are_pruned_and_nothing_else(tmp_path, monkeypatch, capsys):

@@ -207,6 +207,7 @@ def _start_log(args) -> str | None:
     handler = _LogFileHandler(path, delay=True, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)  # before any library's logging.basicConfig: no stderr handler
+    logging.captureWarnings(True)  # Python warnings too (PySpark warns with the Java stack trace)
     session.log_to(path)
     return path
 
@@ -239,6 +240,7 @@ def _stop_log(log: str | None) -> None:
     if log is None:
         return
     session.log_to(None)
+    logging.captureWarnings(False)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == log]:
         root.removeHandler(handler)
