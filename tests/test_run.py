@@ -91,7 +91,8 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
 
 
 @pytest.mark.slow
-def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
+def test_binary_uses_two_classes_and_binomial_and_its_results_folder_is_one_runs_whole(
+        spark, config, tmp_path, dataset, monkeypatch):
     exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, dataset))
     m = run_experiment(exp, log=lambda *_: None)
     assert m["classes"] == ["Covid-19", "No_findings"]
@@ -103,27 +104,7 @@ def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
     ]
     assert model.stages[2].numClasses == 2
     assert np.isfinite(m["lr_objective_history"]).all()
-
-
-def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tmp_path):
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
-    (tmp_path / "raw" / "No_findings" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
-    overrides = [
-        "weights=random", f"dataset.raw_dir={raw}", f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=32", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-    ]
-    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification", overrides)
-    bad = os.path.join(raw, "No_findings", "broken.jpg")
-    # First run: the resize step names the bad file and stops; second run: the resize output is
-    # current, and the bad file recorded in its manifest still stops the run.
-    for resizes in (True, False):
-        logs: list[str] = []
-        with pytest.raises(DataError, match=f"^invalid image {bad}: .*handleInvalid=skip"):
-            run_experiment(exp, log=logs.append)
-        assert any(line.startswith("resize: ") for line in logs) == resizes
-        assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
-        for cls in ("Covid-19", "No_findings"):  # the good files were kept
-            assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
+    _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, dataset, monkeypatch)
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -131,13 +112,10 @@ def _files(folder) -> dict[str, bytes]:
             for d, _, names in os.walk(folder) for n in names}
 
 
-@pytest.mark.slow
-def test_a_results_folder_is_one_runs_whole(spark, config, tmp_path, monkeypatch):
-    """A run that dies right after saving its model leaves the previous run's folder as it was
-    (model, metrics.json and config.json of one run); a run that succeeds replaces all of it."""
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=4)
-    exp = config.experiment("VGG16_binary_classification", _overrides(tmp_path, raw))
-    run_experiment(exp, log=lambda *_: None)
+def _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, raw, monkeypatch):
+    """After ``exp`` ran: a rerun that dies right after saving its model leaves the folder as it
+    was (model, metrics.json and config.json of one run); a rerun that succeeds replaces all of it.
+    The features come from the cache: these reruns fit and write only."""
     folder = tmp_path / "results" / exp.name
     first = _files(folder)
     assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
@@ -159,3 +137,24 @@ def test_a_results_folder_is_one_runs_whole(spark, config, tmp_path, monkeypatch
     assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
     assert json.loads(second["metrics.json"])["config"]["classifier"]["regParam"] == 0.5 == m["config"]["classifier"]["regParam"]
     assert json.loads(second["config.json"])["settings"]["classifier"]["regParam"] == 0.5
+
+
+def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tmp_path):
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
+    (tmp_path / "raw" / "No_findings" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    overrides = [
+        "weights=random", f"dataset.raw_dir={raw}", f"dataset.resized_dir={tmp_path / 'resized'}",
+        "dataset.image_size=32", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+    ]
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification", overrides)
+    bad = os.path.join(raw, "No_findings", "broken.jpg")
+    # First run: the resize step names the bad file and stops; second run: the resize output is
+    # current, and the bad file recorded in its manifest still stops the run.
+    for resizes in (True, False):
+        logs: list[str] = []
+        with pytest.raises(DataError, match=f"^invalid image {bad}: .*handleInvalid=skip"):
+            run_experiment(exp, log=logs.append)
+        assert any(line.startswith("resize: ") for line in logs) == resizes
+        assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+        for cls in ("Covid-19", "No_findings"):  # the good files were kept
+            assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
