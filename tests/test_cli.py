@@ -98,30 +98,3 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         assert len(lines) == 1 and expected in lines[0], out.stderr
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "results").exists()  # found before Spark started: no JVM, no log
-
-
-def test_an_error_inside_the_spark_workers_is_one_line_naming_the_log(tmp_path):
-    """Weights whose shapes fit VGG16 (the driver's check passes) but whose layers Keras cannot
-    match fail in every Python worker: the terminal gets one line, the log the worker tracebacks."""
-    import h5py
-
-    from imagefeaturizer import backbones
-
-    weights = str(tmp_path / "renamed.weights.h5")
-    backbones.build_model("VGG16", None, pooling=None).save_weights(weights)
-    with h5py.File(weights, "a") as f:
-        f.move("layers/conv2d", "layers/renamed")
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
-    out = wrapper(
-        "run", "VGG16_binary_classification", "--set", f"weights={weights}", "--set", f"dataset.raw_dir={raw}",
-        "--set", f"dataset.resized_dir={tmp_path / 'resized'}", "--set", f"results_dir={tmp_path / 'results'}",
-        "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "dataset.image_size=64", "--set", "spark.master=local[2]",
-    )
-    assert out.returncode == 2, out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith(f"error: weights file '{weights}' does not fit VGG16 without its top (ValueError: ")
-    log = lines[0].rsplit("(details: ", 1)[-1].rstrip(")")
-    text = open(log, encoding="utf-8").read()
-    assert "Traceback (most recent call last)" in text and "PythonException" in text  # the worker's details
-    assert not (tmp_path / "results" / "VGG16_binary_classification").exists()

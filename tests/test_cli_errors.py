@@ -41,6 +41,12 @@ def _one_covid_image(tmp_path) -> str:
     return raw
 
 
+def _latin1_config(tmp_path) -> str:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("defaults:\n  weights: random  # café\n".encode("latin-1"))
+    return str(path)
+
+
 def _garbage_weights(tmp_path) -> str:
     path = tmp_path / "garbage.h5"
     path.write_bytes(b"\x00garbage" * 100)
@@ -95,6 +101,9 @@ CASES = {
     "missing config": (lambda t: ["--config", str(t / "none.yaml"), "list"], ["none.yaml' not found"]),
     "missing config after the command": (
         lambda t: ["list", "--config", str(t / "none.yaml")], ["none.yaml' not found: give an existing file with --config"]
+    ),
+    "config not UTF-8": (
+        lambda t: ["list", "--config", _latin1_config(t)], ["latin1.yaml is not UTF-8 text (byte 0xe9", "save it as UTF-8"]
     ),
     "spark.conf as a value": (
         lambda t: ["run", "dataset_resize", "--set", "spark.conf=1"], ["'spark.conf' is a section of Spark settings"]

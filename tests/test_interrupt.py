@@ -12,6 +12,7 @@ to the driver alone (``kill -INT``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -123,3 +124,29 @@ def test_interrupted_run_resize_and_predict_stop_cleanly_and_rerun_continues(tmp
     predict = ["predict", EXPERIMENT, str(tmp_path / "raw"), *_settings(tmp_path)]
     _assert_one_interrupted_line(*_interrupt(tmp_path, "featurize", predict, group=True))
     assert not (tmp_path / "results" / EXPERIMENT / "predictions.csv").exists() and not _temporaries(tmp_path)
+
+    # Not an interruption, but the same path from the workers to the terminal: weights whose shapes
+    # fit VGG16 (the driver's check passes) and whose layers Keras cannot match fail in every Python
+    # worker; the terminal gets one line naming the log, the log the workers' tracebacks.
+    weights = _renamed_layer_weights(tmp_path)
+    failed = _run(*args, "--set", f"weights={weights}")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1, failed.stderr
+    assert lines[0].startswith(f"error: weights file '{weights}' does not fit VGG16 without its top (ValueError: ")
+    log = lines[0].rsplit("(details: ", 1)[-1].rstrip(")")
+    text = open(log, encoding="utf-8").read()
+    assert "Traceback (most recent call last)" in text and "PythonException" in text
+    assert json.loads((tmp_path / "results" / EXPERIMENT / "metrics.json").read_text())["weights"] == "random"  # kept
+
+
+def _renamed_layer_weights(tmp_path) -> str:
+    import h5py
+
+    from imagefeaturizer import backbones
+
+    weights = str(tmp_path / "renamed.weights.h5")
+    backbones.build_model("VGG16", None, pooling=None).save_weights(weights)
+    with h5py.File(weights, "a") as f:
+        f.move("layers/conv2d", "layers/renamed")
+    return weights
