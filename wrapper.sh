@@ -6,6 +6,7 @@ set -euo pipefail
 # Work from the repository root (the directory of this script), wherever it is called from,
 # so that relative paths in config.yaml resolve against the repo root.
 ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+export XRAY_CALLER_CWD="$PWD" # relative --config paths are the caller's
 cd "$ROOT"
 
 PROG="wrapper.sh"
@@ -13,7 +14,11 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" # quiet TensorFlow's C+
 
 usage() {
     cat <<'EOF'
-Usage: ./wrapper.sh <command> [args...]
+Usage: ./wrapper.sh [--config PATH] <command> [args...]
+
+Options (before or after the command; for every experiment command):
+  --config PATH                the config file (default: config.yaml of this folder; a relative
+                               PATH is relative to the current folder). XRAY_CONFIG=PATH does the same.
 
 Environment:
   env-setup [--force]          create or update the Python environment (idempotent):
@@ -220,6 +225,40 @@ prepare_exec() {
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
+# Options before the command, for every xray command (python -m xray reads XRAY_CONFIG; after
+# the command, --config goes to it as it is).
+usage_error() {
+    echo "$PROG: $*" >&2
+    usage >&2
+    exit 2
+}
+
+set_config() {
+    [[ -n "$1" ]] || usage_error "--config needs a path"
+    if [[ "$1" == /* ]]; then
+        export XRAY_CONFIG="$1"
+    else
+        export XRAY_CONFIG="$XRAY_CALLER_CWD/$1"
+    fi
+}
+
+config_option=0
+while (($#)); do
+    case "$1" in
+        --config)
+            (($# >= 2)) || usage_error "--config needs a path"
+            set_config "$2"
+            shift 2
+            ;;
+        --config=*)
+            set_config "${1#--config=}"
+            shift
+            ;;
+        *) break ;;
+    esac
+    config_option=1
+done
+
 if (($# == 0)); then
     usage >&2
     exit 2
@@ -227,6 +266,9 @@ fi
 
 cmd="$1"
 shift
+if ((config_option)) && [[ "$cmd" =~ ^(env-setup|test)$ ]]; then
+    usage_error "--config is for the experiment commands, not '$cmd'"
+fi
 case "$cmd" in
     -h | --help | help)
         usage

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -33,7 +32,6 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the Python workers im
 
 from pyspark.ml.functions import array_to_vector  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
 
 from sweep import DriverSampler  # noqa: E402
 from xray.atomic import write_json_atomic  # noqa: E402

@@ -17,6 +17,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CODE, os.environ.get("PYT
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.pop("XRAY_CONFIG", None)  # tests name their config files themselves
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
 

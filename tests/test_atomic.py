@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from xray.atomic import atomic_file, atomic_folder, write_json_atomic, write_text_atomic
+from xray.atomic import StagedFolder, atomic_file, atomic_folder, write_json_atomic, write_text_atomic
 
 
 def test_writers_replace_the_whole_file_with_usual_permissions(tmp_path):
@@ -60,3 +60,30 @@ def test_atomic_folder_replaces_or_keeps_the_whole_folder(tmp_path):
     with atomic_folder(str(dest)) as tmp:
         os.makedirs(os.path.join(tmp, "other"))
     assert os.listdir(dest) == ["other"] and os.listdir(tmp_path) == ["model"]
+
+
+def test_a_staged_folder_replaces_the_whole_folder_or_nothing(tmp_path):
+    dest = tmp_path / "results" / "exp"
+    first = StagedFolder(str(dest))
+    with open(os.path.join(first.path, "metrics.json"), "w") as f:
+        f.write("first")
+    os.mkdir(os.path.join(first.path, "model"))
+    first.commit()
+    assert sorted(os.listdir(dest)) == ["metrics.json", "model"]
+
+    second = StagedFolder(str(dest))  # a run that writes its model, then fails (or is killed)
+    os.mkdir(os.path.join(second.path, "model"))
+    assert sorted(os.listdir(dest)) == ["metrics.json", "model"] and (dest / "metrics.json").read_text() == "first"
+    second.discard()
+    assert os.listdir(tmp_path / "results") == ["exp"]  # no staging folder left
+
+    third = StagedFolder(str(dest))
+    with open(os.path.join(third.path, "metrics.json"), "w") as f:
+        f.write("third")
+    third.commit()
+    assert os.listdir(dest) == ["metrics.json"] and (dest / "metrics.json").read_text() == "third"  # nothing old
+    assert os.listdir(tmp_path / "results") == ["exp"]
+
+    never = StagedFolder(str(tmp_path / "other" / "exp"))  # failed before writing anything
+    never.discard()
+    assert not (tmp_path / "other").exists()

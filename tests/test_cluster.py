@@ -121,7 +121,8 @@ class _FakeContext:
         ("local[2]", {}, False),
     ],
 )
-def test_driver_ships_weights_off_local_mode_once(tmp_path, master, conf, ships):
+def test_driver_ships_weights_off_local_mode_once(tmp_path, monkeypatch, master, conf, ships):
+    monkeypatch.setattr(backbones, "check_weights_file", lambda *args: None)  # a stand-in file (tested in test_backbones)
     path = _weights_file(tmp_path)
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
     sc = _FakeContext(master, conf)

@@ -89,6 +89,7 @@ def test_set_overrides_any_key(config):
         ("split.group_pattern=_\\d+", "has no capturing group: put the part of the file name that names the group"),
         ("split.near_duplicate_threshold=0.5", "must be >= 0.9"),
         ("split=x", "is a section"),
+        ("spark.conf=1", "'spark.conf' is a section of Spark settings; set one of them, e.g. --set spark.conf.spark"),
     ],
 )
 def test_bad_set_values(config, assignment, message):
@@ -137,8 +138,16 @@ def test_yaml_is_read_safely(tmp_path):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="not found: give an existing file with --config PATH"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("defaults: {weights: random}  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml is not UTF-8 text \(byte 0xe9 at offset \d+\): save it as UTF-8") as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)
 
 
 def test_relative_paths_resolve_against_the_config_folder(config):

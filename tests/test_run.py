@@ -15,6 +15,7 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from conftest import ROOT, make_dataset
+from xray import reports
 from xray.config import load_config
 from xray.errors import DataError
 from xray.run import Phases, _cross_validation, run_experiment
@@ -102,7 +103,8 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
 
 
 @pytest.mark.slow
-def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
+def test_binary_uses_two_classes_and_binomial_and_its_results_folder_is_one_runs_whole(
+        spark, config, tmp_path, dataset, monkeypatch):
     exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, dataset))
     m = run_experiment(exp, log=lambda *_: None)
     assert m["classes"] == ["Covid-19", "No_findings"]
@@ -114,6 +116,39 @@ def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
     ]
     assert model.stages[2].numClasses == 2
     assert np.isfinite(m["lr_objective_history"]).all()
+    _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, dataset, monkeypatch)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, raw, monkeypatch):
+    """After ``exp`` ran: a rerun that dies right after saving its model leaves the folder as it
+    was (model, metrics.json and config.json of one run); a rerun that succeeds replaces all of it.
+    The features come from the cache: these reruns fit and write only."""
+    folder = tmp_path / "results" / exp.name
+    first = _files(folder)
+    assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops here: its model is saved, nothing else yet
+
+    other = config.experiment(exp.name, _overrides(tmp_path, raw, "classifier.regParam=0.5"))
+    monkeypatch.setattr(reports, "write_experiment_reports", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(other, log=lambda *_: None)
+    assert _files(folder) == first
+    assert os.listdir(tmp_path / "results") == [exp.name]  # no staging or old folder left
+
+    monkeypatch.undo()
+    (folder / "predictions.csv").write_text("of the first model\n")
+    m = run_experiment(other, log=lambda *_: None)
+    second = _files(folder)
+    assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
+    assert json.loads(second["metrics.json"])["config"]["classifier"]["regParam"] == 0.5 == m["config"]["classifier"]["regParam"]
+    assert json.loads(second["config.json"])["settings"]["classifier"]["regParam"] == 0.5
 
 
 def _patients_and_a_planted_copy(raw: str, pattern: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from xray.split import assign_split, fold_gaps, group_of, split_rows, split_summary, with_split
+from xray.split import assign_split, fold_gaps, group_of, min_class_size, split_rows, split_summary, with_split
 
 NIH = r"^(\d{8})_\d{3}\."
 
@@ -216,3 +216,17 @@ def test_with_split_joins_the_same_split_on_any_partitioning(spark):
         assert got == rows
     # keys given by the caller (an experiment has them) give the same rows without a collect
     assert {r.path: (r.is_test, r.fold) for r in with_split(df, 3, 0.34, 2, keys=keys).collect()} == rows
+
+
+@pytest.mark.parametrize("test_fraction", [0.01, 0.2, 0.4, 0.5, 0.9])
+@pytest.mark.parametrize("cv_folds", [0, 1, 2, 5])
+def test_min_class_size_is_the_fewest_images_the_split_can_use(test_fraction, cv_folds):
+    """With min_class_size images a class has training images for every fold; with one fewer it has not."""
+    need = min_class_size(test_fraction, cv_folds)
+
+    def training(n):
+        rows = split_rows(_keys({"a": n}), seed=3, test_fraction=test_fraction, cv_folds=cv_folds)
+        return [f for _, is_test, f in rows if not is_test]
+
+    assert len(set(training(need))) == max(1, cv_folds)  # each fold (or the one training set) has an image
+    assert len(set(training(need - 1))) < max(1, cv_folds)

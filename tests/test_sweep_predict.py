@@ -28,7 +28,7 @@ from xray.sweep import run_sweep
 pytestmark = pytest.mark.slow  # every test shares a whole sweep
 
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
-FOLDS = "ResNet50_folds_classification"  # fails after featurization, on a fitting thread
+FOLDS = "ResNet50_folds_classification"  # too few images a class for its folds: fails before Spark
 # Timing and cache bookkeeping differ between runs; everything else must not.
 VOLATILE = {"wall_seconds", "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
             "images_per_second_source", "images_featurized_for_other_tasks", "phase_seconds"}
@@ -79,8 +79,8 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
     rows = list(csv.DictReader(open(root / "results" / "summary.csv", encoding="utf-8")))
     assert [(r["experiment"], r["status"]) for r in rows] == [
         (BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed"), (FOLDS, "failed")]
-    assert rows[3]["error"].startswith("cv_folds=5 needs at least 5 training images per class")
-    assert any(line.startswith(f"FAILED {FOLDS}: cv_folds=5") for line in logs)
+    assert rows[3]["error"].startswith("class Covid-19 needs at least 7 images")  # 2 test and 5 training images
+    assert any(line.startswith(f"FAILED {FOLDS}: class Covid-19 needs at least 7 images") for line in logs)
     # fits and reports run on other threads: their lines name the experiment
     assert any(line.startswith(f"[{MULTI}] features: 18 images") for line in logs), logs
     for r in rows[:2]:

@@ -4,7 +4,8 @@
 - :func:`get_extractor`: one extractor per (backbone, weights, pooling, engine) per Python process,
   built on first use, the :data:`MAX_EXTRACTORS` most recently used kept (never captured in a UDF
   closure).
-- The process set-up done once, before the first model is built: TensorFlow's threads sized to the
+- The process set-up done once, before the first model is built: the GPU(s) Spark assigned to the
+  task as the only ones TensorFlow sees (:func:`use_task_gpus`), TensorFlow's threads sized to the
   task's cores (:func:`configure_threads`), GPU memory growth (:func:`configure_gpus`), and after
   the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each
   batch.
@@ -22,6 +23,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -117,6 +119,7 @@ def get_extractor(
     with _LOCK:
         extractor = _EXTRACTORS.pop(key, None)
         if extractor is None:
+            use_task_gpus()  # before TensorFlow initialises its devices
             configure_threads()
             local = local_weights(weights_path, weights_sha256)
             if len(_EXTRACTORS) >= MAX_EXTRACTORS:
@@ -184,6 +187,42 @@ def configure_threads() -> ThreadSettings | None:
     except RuntimeError:
         return None  # TensorFlow already initialised in this process: its settings stay
     return settings
+
+
+_gpus_decided = False
+
+
+def task_gpus() -> list[str]:
+    """The addresses of the GPUs Spark assigned to the running task (``TaskContext.resources()``
+    with GPU scheduling: ``spark.task.resource.gpu.amount``), else []."""
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    if task is None:
+        return []
+    try:
+        gpu = task.resources().get("gpu")
+    except Exception:  # noqa: BLE001 - a context without resources: no GPU scheduling
+        return []
+    return [str(a) for a in gpu.addresses] if gpu is not None else []
+
+
+def use_task_gpus() -> list[str] | None:
+    """Make TensorFlow see only the GPUs Spark assigned to this task (``CUDA_VISIBLE_DEVICES``),
+    once per process, before TensorFlow initialises its devices; without it every worker would
+    use the first GPU it sees. Returns the addresses used (None: nothing assigned, or decided
+    before). A Python worker keeps its first task's GPU: Spark may reuse it for a task given
+    another GPU, and TensorFlow cannot move then. Untested on real GPUs (none here)."""
+    global _gpus_decided
+    if _gpus_decided:
+        return None
+    _gpus_decided = True
+    addresses = task_gpus()
+    if not addresses:
+        return None
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA numbers = nvidia-smi's, as discovery reports
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(addresses)
+    return addresses
 
 
 def configure_gpus() -> None:
@@ -268,6 +307,23 @@ def _shipped_copy(weights_path: str) -> str:
         return ""
 
 
+TEST_HOLD_ENV = "IMAGEFEATURIZER_TEST_HOLD"
+"""Test hook: ``<point>:<marker file>`` makes a task that reaches ``point`` wait (see below)."""
+
+
+def hold_for_tests(point: str, seconds: float = 600.0) -> None:
+    """Nothing, unless the environment holds ``IMAGEFEATURIZER_TEST_HOLD=<point>:<marker file>``:
+    then a task reaching ``point`` ("featurize": the featurizer's UDF; the app names its own)
+    creates the marker file and waits, so that a test can interrupt a job at a known step
+    without guessing a time."""
+    point_set, _, marker = os.environ.get(TEST_HOLD_ENV, "").partition(":")
+    if point_set != point or not marker:
+        return
+    with open(marker, "a", encoding="utf-8"):
+        pass
+    time.sleep(seconds)
+
+
 # ---------------------------------------------------------------------------------------------
 # The featurizer's pandas UDF, in a worker
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +347,7 @@ def featurize_batches(
 ) -> Iterator[pd.Series]:
     """Features for each Arrow batch of (images, origins), the UDF's body."""
     for images, origins in batches:
+        hold_for_tests("featurize")
         yield featurize_series(task, images, origins)
         drop_zip_finders()  # imports of this batch included
 

@@ -49,16 +49,52 @@ def write_json_atomic(path: str, data: Any) -> None:
         f.write("\n")
 
 
+class StagedFolder:
+    """A whole folder written under a temporary name beside ``dest`` (``path``, made on first
+    use) and put in place of ``dest`` by :meth:`commit`, or removed by :meth:`discard`. Readers
+    of ``dest`` see the old folder or the new one, never a mix of both; a process killed before
+    the commit leaves ``dest`` as it was (and the ``.tmp-`` folder, for a later clean-up)."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = os.path.abspath(dest)
+        self._tmp, self._old = _beside(self.dest)
+        self._made_parent = False
+
+    @property
+    def path(self) -> str:
+        if not os.path.isdir(self._tmp):
+            parent = os.path.dirname(self.dest)
+            self._made_parent = self._made_parent or not os.path.isdir(parent)
+            os.makedirs(self._tmp)
+        return self._tmp
+
+    def commit(self) -> None:
+        _swap_in(self.path, self.dest, self._old)
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove what was staged (and the parent folder when this made it and it is empty)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._made_parent:
+            try:
+                os.rmdir(os.path.dirname(self.dest))
+            except OSError:
+                pass
+
+
+def _beside(dest: str) -> tuple[str, str]:
+    """(temporary name, name for the old version) beside ``dest``, unique to this call."""
+    parent, base, token = os.path.dirname(os.path.abspath(dest)), os.path.basename(dest), uuid.uuid4().hex
+    return os.path.join(parent, f".tmp-{base}-{token}"), os.path.join(parent, f".old-{base}-{token}")
+
+
 @contextmanager
 def atomic_folder(dest: str) -> Iterator[str]:
     """A path beside ``dest`` (not created) for the caller to write a whole folder into; on
     success it takes the place of ``dest``. An existing ``dest`` is moved aside first and put
     back when the swap fails, so a failure at any step leaves the old folder in place."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    token = uuid.uuid4().hex
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(dest)}-{token}")
-    old = os.path.join(parent, f".old-{os.path.basename(dest)}-{token}")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp, old = _beside(dest)
     try:
         yield tmp
         _swap_in(tmp, dest, old)

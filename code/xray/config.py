@@ -232,6 +232,9 @@ def parse_set(assignment: str) -> tuple[list[str], Any]:
             raise ConfigError(f"--set {assignment!r}: unknown key {key!r} (allowed: {known})")
         path.append(part)
         schema = schema[part]
+    if isinstance(schema, OpenMap):
+        raise ConfigError(f"--set {assignment!r}: {key!r} is a section of Spark settings; set one of them, "
+                          f"e.g. --set {key}.spark.executor.memory=4g")
     if isinstance(schema, dict):
         raise ConfigError(f"--set {assignment!r}: {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(schema))}=...")
     if schema is _group_pattern and not isinstance(value, str):  # YAML read a regex such as '^(\w+): x'
@@ -299,7 +302,13 @@ def load_config(path: str = "config.yaml") -> Config:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found: run from the project folder or pass --config PATH") from None
+        raise ConfigError(f"config file {path!r} not found: give an existing file with --config PATH "
+                          f"(before or after the command: ./wrapper.sh --config PATH run <experiment>)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          f"save it as UTF-8") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror}): give a readable file with --config PATH") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else path

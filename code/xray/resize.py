@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from imagefeaturizer.images import InvalidImageError, decode_to_pil, image_info, resize_pil
+from imagefeaturizer.runtime import hold_for_tests
 
 from .atomic import atomic_file, write_json_atomic
 from .config import Experiment
@@ -264,6 +265,7 @@ def _resize_partition(size: int, mode: str, max_pixels: int):
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
+            hold_for_tests("resize")
             rows = [_resize_one(src, dst, size, mode, max_pixels) for src, dst in zip(batch["src"], batch["dst"])]
             yield pd.DataFrame(rows, columns=list(_RESULT_COLUMNS))
 

@@ -4,6 +4,11 @@ evaluate -> save the model -> reports and ``metrics.json``.
 :func:`run_experiment` is the two halves in a row: :func:`prepare_features` (checks, the resize
 job when stale, featurization: the long Spark job) and :func:`fit_and_report` (everything after,
 which a sweep runs on another thread while the next experiment featurizes).
+
+A results folder is one run's, whole: every file of a run is written into a staging folder
+beside ``results/<experiment>`` (``Prepared.out_dir``: the one place any writer of a run
+writes), which takes the place of the old folder in one swap at the very end. A run that fails
+or is killed before leaves the previous results as they were.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from . import experiment, reports
-from .atomic import write_json_atomic
+from .atomic import StagedFolder, write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
 from .download import run_download
@@ -30,7 +35,7 @@ from .features import FeaturizeStats, featurize_cached, weights_id
 from .resize import ensure_resized, task_data_checks
 from .session import spark_session
 from .near_duplicates import NearDuplicates, find_near_duplicates
-from .split import SplitRow, assign_split, describe_split, fold_gaps, join_split, split_summary
+from .split import SplitRow, assign_split, describe_split, fold_gaps, join_split, min_class_size, split_summary
 
 
 class Phases:
@@ -50,9 +55,13 @@ class Phases:
 @dataclass
 class Prepared:
     """An experiment with its data checked and its features ready (in the feature cache or in
-    Spark's): what :func:`fit_and_report` needs. The feature DataFrame is lazy and small to hold."""
+    Spark's): what :func:`fit_and_report` needs. The feature DataFrame is lazy and small to hold.
+
+    ``out_dir``: the staging folder of this run's results, where every writer of the run writes;
+    :meth:`commit` puts it in place of ``results/<experiment>``, :meth:`discard` drops it."""
 
     exp: Experiment
+    staging: StagedFolder
     featurizer: KerasImageFeaturizer
     feats: DataFrame
     fstats: FeaturizeStats
@@ -61,6 +70,16 @@ class Prepared:
     invalid_raw: dict
     phases: Phases
     started: float
+
+    @property
+    def out_dir(self) -> str:
+        return self.staging.path
+
+    def commit(self) -> None:
+        self.staging.commit()
+
+    def discard(self) -> None:
+        self.staging.discard()
 
 
 def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[str, ...] = ()) -> dict:
@@ -86,10 +105,20 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     phases = Phases()
     _check_before_spark(exp, log)
     phases.mark("checks")
+    staging = StagedFolder(exp.results_dir)
+    try:
+        return _prepare(exp, log, also_classes, staging, phases, started)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def _prepare(exp: Experiment, log, also_classes, staging: StagedFolder, phases: Phases, started: float) -> Prepared:
     spark = spark_session(exp.settings)
     phases.mark("spark_session")
     ensure_resized(spark, exp, log)
     audit, cue_warning, invalid_raw = task_data_checks(exp, log)  # handleInvalid=error stops here
+    _check_class_sizes(exp, {c: (a["count"] - a["invalid"], a["invalid"]) for c, a in audit.items()})
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
     extra = _extra_classes(exp, also_classes)
@@ -97,7 +126,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
                                      keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
-    return Prepared(exp, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
+    return Prepared(exp, staging, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
 
 
 def _check_before_spark(exp: Experiment, log) -> None:
@@ -108,12 +137,28 @@ def _check_before_spark(exp: Experiment, log) -> None:
             run_download(exp, log=log)
         except UserError as exc:
             raise DataError(f"data folder {exp.raw_dir} not found, and fetching it failed: {exc}") from None
-    ignored = describe_ignored(list_dataset(exp.raw_dir, exp.classes))
+    listing = list_dataset(exp.raw_dir, exp.classes)
+    ignored = describe_ignored(listing)
     if ignored:
         log(ignored)
+    _check_class_sizes(exp, {c: (len(files), 0) for c, files in listing.files.items()})
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
+
+
+def _check_class_sizes(exp: Experiment, sizes: dict[str, tuple[int, int]]) -> None:
+    """Each class has enough images for the split (and the folds), before any work on them:
+    ``sizes`` is class -> (usable images, invalid ones left out)."""
+    tf, folds = exp["test_fraction"], exp["cv_folds"]
+    need = min_class_size(tf, folds)
+    for cls, (n, invalid) in sizes.items():
+        if n < need:
+            usable = f" usable ({invalid} invalid left out)" if invalid else ""
+            train = f"{folds} for training (cv_folds={folds})" if folds > 1 else "one for training"
+            raise DataError(
+                f"class {cls} needs at least {need} images, {os.path.join(exp.raw_dir, cls)} has {n}{usable}: "
+                f"the test split takes at least one (test_fraction={tf}) and {train}; add images to it")
 
 
 def _extra_classes(exp: Experiment, also_classes) -> list[str]:
@@ -128,9 +173,20 @@ def _extra_classes(exp: Experiment, also_classes) -> list[str]:
 
 
 def fit_and_report(p: Prepared, log=print) -> dict:
-    """The second half of :func:`run_experiment`: split, fit, evaluate, save the model and reports.
+    """The second half of :func:`run_experiment`: split, fit, evaluate, save the model and reports
+    into the staging folder, then put it in place of ``results/<experiment>``.
 
     Thread-safe for different experiments on one SparkSession (a sweep runs two at a time)."""
+    try:
+        result = _fit_and_write(p, log)
+    except BaseException:
+        p.discard()
+        raise
+    p.commit()
+    return result
+
+
+def _fit_and_write(p: Prepared, log) -> dict:
     exp, fstats, phases = p.exp, p.fstats, p.phases
     phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     classes = sorted(exp.classes)
@@ -150,15 +206,15 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
     cv = _cross_validation(exp, train, rows, classes, log, phases)
-    experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(exp.results_dir, "model"))
+    experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(p.out_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv, split_info, near)
-    result["reports"] = {**reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"]),
-                         **_write_split_reports(exp.results_dir, rows, near)}
+    result["reports"] = {**reports.write_experiment_reports(p.out_dir, result, pred["y_true"], pred["probability"]),
+                         **_write_split_reports(p.out_dir, rows, near)}
     phases.mark("reports")
     result["phase_seconds"] = phases.seconds
     result["wall_seconds"] = time.perf_counter() - p.started
-    write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
+    write_json_atomic(os.path.join(p.out_dir, "metrics.json"), result)
     split.unpersist()
     return result
 

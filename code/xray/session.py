@@ -1,10 +1,23 @@
-"""The SparkSession for a job: local by default, any master from config, code shipped to executors."""
+"""The SparkSession for a job: local by default, any master from config, code shipped to executors.
+
+For the command line (:mod:`xray.cli`) it also keeps the terminal for the app's own lines:
+
+- :func:`log_to`: the JVM's output (Spark's log4j lines, the JVM's own warnings, the Python
+  workers' stderr) goes into a log file, with the project's ``log4j2.properties``;
+- :func:`interrupts_stop_spark`: Ctrl-C (SIGINT) cancels the Spark jobs and stops the session from a
+  helper thread, then raises ``KeyboardInterrupt`` in the main thread; :func:`interrupted` tells
+  later code (a sweep's fitting threads) that errors from then on are the interruption's.
+"""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import logging
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -12,8 +25,12 @@ import zipfile
 
 from pyspark.sql import SparkSession
 
+from .errors import UserError
+
 _CODE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("imagefeaturizer", "xray")
+LOG4J2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
+STOP_WAIT_S = 60.0  # at most this long a Ctrl-C waits for Spark to stop before the process exits
 
 
 def is_local(master: str) -> bool:
@@ -73,8 +90,11 @@ def spark_session(settings: dict) -> SparkSession:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    if _log_file:
+        builder = builder.config("spark.driver.extraJavaOptions", _java_options(conf))
+    spark = _start(builder)
+    if not _log_file:
+        spark.sparkContext.setLogLevel("ERROR")  # no log file: keep the terminal to errors
     if not is_local(master):
         ship_code(spark.sparkContext)
     return spark
@@ -96,3 +116,137 @@ def ship_code(sc) -> bool:
         sc.addPyFile(code_zip(folder))
         _shipped.add(sc.applicationId)
         return True
+
+
+# --------------------------------------------------------------------------- the command line's log and Ctrl-C
+
+_log_file: str | None = None
+_interrupted = threading.Event()
+
+
+def log_to(path: str | None) -> None:
+    """Sessions started from now on write the JVM's output into ``path`` (None: the terminal)."""
+    global _log_file
+    _log_file = path
+
+
+def _java_options(conf: dict) -> str:
+    """The driver JVM's options and the project's log4j2 configuration (to stderr: the log file)."""
+    ours = f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"
+    theirs = conf.get("spark.driver.extraJavaOptions", "")
+    return f"{theirs} {ours}".strip()
+
+
+def _start(builder) -> SparkSession:
+    """``getOrCreate``, keeping the SIGINT handler in place and the JVM's output in the log file.
+
+    PySpark's SparkContext installs a SIGINT handler that calls the JVM from inside the handler,
+    on the main thread's Py4J connection, which is then busy with the very call Ctrl-C
+    interrupted: five Py4J tracebacks and exit 1. The handler that was there stays instead.
+    """
+    if interrupted():
+        raise KeyboardInterrupt  # never a new session after Ctrl-C (e.g. a sweep's next experiment)
+    with _sigint_handler(), _jvm_output_to(_log_file) as offset:
+        try:
+            return builder.getOrCreate()
+        except Exception as exc:
+            if "JAVA_GATEWAY_EXITED" not in str(exc) and "gateway process exited" not in str(exc):
+                raise
+            raise UserError(f"Spark's JVM did not start: {_jvm_error(_log_file, offset)}"
+                            f" (check Java 17+, JAVA_HOME and the spark settings)") from None
+
+
+@contextlib.contextmanager
+def _sigint_handler(handler=None):
+    """Inside the block SIGINT has ``handler`` (None: whatever code sets), the handler from
+    before it comes back after; on the main thread only (no other thread may set one)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _jvm_output_to(path: str | None):
+    """Point this process's stderr (fd 2) at ``path`` while the JVM starts: the JVM inherits it
+    for its life, and so do the Python workers it starts. Yields the log's size before."""
+    if path is None:
+        yield 0
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield os.fstat(fd).st_size
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _jvm_error(path: str | None, offset: int) -> str:
+    """The JVM's own reason, from what it wrote into the log while starting."""
+    if path is None:
+        return "its output is above"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            f.seek(offset)
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        lines = []
+    reasons = [line for line in lines if re.search(r"error|exception|invalid|unrecognized", line, re.I)]
+    first = (reasons or lines or ["no output"])[0]
+    return f"{first[:300]}; its output: {path}"
+
+
+def interrupted() -> bool:
+    """True once Ctrl-C was pressed under :func:`interrupts_stop_spark`."""
+    return _interrupted.is_set()
+
+
+@contextlib.contextmanager
+def interrupts_stop_spark():
+    """Ctrl-C for a command line run, inside the ``with`` block (main thread only).
+
+    The first SIGINT cancels every Spark job and stops the session on a helper thread (its own
+    Py4J connection), waits for that (at most :data:`STOP_WAIT_S`), then raises
+    ``KeyboardInterrupt`` in the main thread; a second SIGINT raises at once. The handler that
+    was there before comes back at the end, and :func:`interrupted` is False again.
+    """
+    _interrupted.clear()
+    try:
+        with _sigint_handler(_on_sigint):
+            yield
+    finally:
+        _interrupted.clear()
+
+
+def _on_sigint(signum, frame) -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt  # a second Ctrl-C: do not wait for Spark
+    _interrupted.set()
+    stopper = threading.Thread(target=_stop_spark, name="xray-interrupt", daemon=True)
+    stopper.start()
+    stopper.join(STOP_WAIT_S)
+    raise KeyboardInterrupt
+
+
+def _stop_spark() -> None:
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context  # noqa: SLF001 - the only handle on the running context
+    if sc is None:
+        return
+    try:
+        sc.cancelAllJobs()
+        sc.stop()
+    except Exception:  # noqa: BLE001 - stopping anyway; the details go to the log
+        logging.getLogger(__name__).warning("stopping Spark after Ctrl-C failed", exc_info=True)

@@ -108,6 +108,21 @@ def _checked_seed(seed) -> int:
     return int(seed)
 
 
+def test_count(n: int, test_fraction: float) -> int:
+    """Test images of a class of ``n``: ``n * test_fraction`` rounded (half up), at least one."""
+    return max(1, math.floor(n * test_fraction + 0.5))
+
+
+def min_class_size(test_fraction: float, cv_folds: int = 0) -> int:
+    """The fewest images a class needs: its test images (:func:`test_count`) and at least one
+    training image, or one per cross-validation fold (a lower bound when groups hold several)."""
+    train = max(1, cv_folds)
+    n = train + 1
+    while n - test_count(n, test_fraction) < train:
+        n += 1
+    return n
+
+
 def _fill_score(counts: Counter, filled: Counter, target: dict[str, float]) -> float:
     """How full a side (or fold) would be, relative to its per-class target, with a group added
     (weighted by the group's images per class)."""
@@ -158,7 +173,7 @@ def _deal_folds(groups: list[_Group], folds: int) -> dict[str, int]:
 def wanted_in_test(keys, test_fraction: float) -> dict[str, int]:
     """Test images wanted per class: ``max(1, round(n * test_fraction))``, halves rounded up."""
     totals = Counter(label for _, label in keys)
-    return {label: max(1, math.floor(n * test_fraction + 0.5)) for label, n in totals.items()}
+    return {label: test_count(n, test_fraction) for label, n in totals.items()}
 
 
 def assign_split(keys, seed: int, test_fraction: float, cv_folds: int = 0,
