@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -40,6 +41,18 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+class FakeSession:
+    """What the library ships through, of a classic SparkSession: ``conf.get`` and ``addArtifacts``."""
+
+    def __init__(self, master: str = "spark://10.0.0.1:7077", conf: dict | None = None, app_id: str = "app-1"):
+        self.settings = {"spark.master": master, "spark.app.id": app_id, **(conf or {})}
+        self.conf = types.SimpleNamespace(get=lambda key, default=None: self.settings.get(key, default))
+        self.artifacts: list[tuple[str, str]] = []  # (path, "file" | "pyfile")
+
+    def addArtifacts(self, *paths: str, pyfile: bool = False, file: bool = False) -> None:  # noqa: N802 - Spark's name
+        self.artifacts += [(p, "pyfile" if pyfile else "file") for p in paths]
 
 
 def xray_like(kind: int, seed: int, size=(64, 48), mode="L"):

@@ -21,17 +21,16 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CODE, ROOT, make_dataset, xray_like
+from conftest import CODE, ROOT, FakeSession, make_dataset, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
-from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF
+from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF, shipped_name
 from imagefeaturizer.runtime import local_weights as _local_weights
 from xray import cluster
 from xray.cli import main as xray_main
@@ -98,21 +97,6 @@ def test_executor_rejects_a_tampered_or_missing_copy(spark, tmp_path):
         _local_weights(never_shipped, "f" * 64)
 
 
-class _FakeContext:
-    """Just what ``_resolved_weights`` uses of a SparkContext."""
-
-    def __init__(self, master: str, conf: dict[str, str] | None = None):
-        self.master = master
-        self.added: list[str] = []
-        self._conf = conf or {}
-
-    def addFile(self, path: str) -> None:  # noqa: N802 - Spark's name
-        self.added.append(path)
-
-    def getConf(self):  # noqa: N802 - Spark's name
-        return types.SimpleNamespace(get=lambda key, default=None: self._conf.get(key, default))
-
-
 @pytest.mark.parametrize(
     "master, conf, ships",
     [
@@ -124,11 +108,11 @@ class _FakeContext:
 def test_driver_ships_weights_off_local_mode_once(tmp_path, master, conf, ships):
     path = _weights_file(tmp_path)
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
-    sc = _FakeContext(master, conf)
-    fake_spark = types.SimpleNamespace(sparkContext=sc)
+    fake_spark = FakeSession(master, conf, app_id=f"app-{uuid.uuid4().hex}")
     for _ in range(2):
         assert featurizer._resolved_weights(fake_spark) == (path, backbones.file_sha256(path))
-    assert sc.added == ([path] if ships else [])
+    shipped = [os.path.realpath(p) for p, kind in fake_spark.artifacts if kind == "file"]
+    assert shipped == ([os.path.realpath(path)] if ships else [])
     random = KerasImageFeaturizer(modelName="ResNet50", weights="random")
     assert random._resolved_weights(fake_spark) == (None, None)
 
@@ -418,8 +402,9 @@ def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster
     # Each executor that ran a task fetched the copy into its working folder, byte for byte.
     executors = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", remote["app_id"], "*"))
     assert executors and not any(os.path.exists(os.path.join(e, relative)) for e in executors)
-    copies = [c for c in (os.path.join(e, os.path.basename(relative)) for e in executors) if os.path.isfile(c)]
     driver_sha = backbones.file_sha256(str(driver_dir / relative))
+    shipped_as = shipped_name(relative, driver_sha)  # named by its sha256: no clash with another file's name
+    copies = [c for c in (os.path.join(e, shipped_as) for e in executors) if os.path.isfile(c)]
     assert copies and {backbones.file_sha256(c) for c in copies} == {driver_sha}
 
 
