@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
-from . import experiment, reports
+from . import experiment, reports, tracking
 from .atomic import write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
@@ -111,6 +111,7 @@ def _check_before_spark(exp: Experiment, log) -> None:
     if ignored:
         log(ignored)
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
+    tracking.check_store(exp)  # tracking on and the MLflow store unreachable: one line, no Spark yet
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
 
@@ -146,7 +147,8 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
     cv = _cross_validation(exp, train, classes, log, phases)
-    experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(exp.results_dir, "model"))
+    model = experiment.assemble(head, p.featurizer)
+    experiment.save_model_atomic(model, os.path.join(exp.results_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv)
     result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
@@ -154,6 +156,7 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     result["phase_seconds"] = phases.seconds
     result["wall_seconds"] = time.perf_counter() - p.started
     write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
+    tracking.log_experiment(exp, result, model, log)  # with tracking.mlflow on; a failure only warns
     split.unpersist()
     return result
 

@@ -95,9 +95,9 @@ def connect_session(spark_cfg: dict, conf: dict[str, str]) -> SparkSession:
     """A Spark Connect session: ``spark.remote`` ``sc://host:15002``, or ``local`` (``local[N]``):
     a local Connect server started by pyspark with ``spark.master`` (local mode).
 
-    Settings that only apply when a server starts (memory, the workers' Python and PYTHONPATH) go
-    to a local one; an existing server takes the runtime (SQL) settings only. The code reaches the
-    server as an artifact (a Python dependency of this session), never through a PYTHONPATH.
+    Settings that only apply when a server starts (memory, the workers' Python) go to a local one;
+    an existing server takes the runtime (SQL) settings only. The code reaches the server as an
+    artifact (a Python dependency of this session), also for a local server.
     """
     remote, master = str(spark_cfg["remote"]), spark_cfg["master"]
     url = master if remote == "local" and is_local(master) else remote
@@ -105,8 +105,7 @@ def connect_session(spark_cfg: dict, conf: dict[str, str]) -> SparkSession:
     if is_local(url):
         os.environ["PYSPARK_PYTHON"] = conf.get("spark.pyspark.python", sys.executable)
         builder = (builder.config("spark.driver.memory", spark_cfg["driver_memory"])
-                   .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-                   .config("spark.executorEnv.PYTHONPATH", os.pathsep.join([_CODE_DIR, os.environ.get("PYTHONPATH", "")])))
+                   .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1"))
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
