@@ -96,6 +96,35 @@ def make_dataset(root, classes=("Covid-19", "No_findings", "Pneumonia"), per_cla
     return root
 
 
+def tiny_overrides(out, raw, *extra: str) -> list[str]:
+    """``--set`` assignments of a small, quick experiment on generated images, written under ``out``."""
+    return [
+        "weights=random",
+        f"dataset.raw_dir={raw}",
+        f"dataset.resized_dir={os.path.join(str(out), 'resized')}",
+        "dataset.image_size=64",
+        f"results_dir={os.path.join(str(out), 'results')}",
+        f"cache_dir={os.path.join(str(out), 'cache')}",
+        "test_fraction=0.34",
+        "batch_size=8",
+        *extra,
+    ]
+
+
+def cached_features(out) -> dict[str, np.ndarray]:
+    """sha256 of each image -> its feature vector, from the feature cache under ``out``."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    found = {}
+    for part in glob.glob(os.path.join(str(out), "cache", "*", "part-*")):
+        table = pq.read_table(part).to_pydict()
+        for sha, vector in zip(table["sha256"], table["features"]):
+            found[sha] = np.asarray(vector["values"], dtype=np.float64)
+    return found
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "raw")

@@ -24,10 +24,9 @@ import time
 import uuid
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import CODE, ROOT, FakeSession, make_dataset, xray_like
+from conftest import CODE, ROOT, FakeSession, cached_features, make_dataset, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF, shipped_name
@@ -280,16 +279,6 @@ def _finish(proc: subprocess.Popen, out) -> dict:
     return metrics
 
 
-def _features(out) -> dict[str, np.ndarray]:
-    """sha256 of each image -> its cached feature vector."""
-    found = {}
-    for part in glob.glob(str(out / "cache" / "*" / "part-*")):
-        table = pq.read_table(part).to_pydict()
-        for sha, vector in zip(table["sha256"], table["features"]):
-            found[sha] = np.asarray(vector["values"], dtype=np.float64)
-    return found
-
-
 def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
     """Same split, same metrics, same features (up to float noise between processes)."""
     for key in ("n_images", "n_train", "n_test", "classes", "split", "confusion_matrix"):
@@ -299,7 +288,7 @@ def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
     for cls, values in want["per_class"].items():
         assert got["per_class"][cls] == pytest.approx(values, abs=1e-9), cls
     assert got["roc"]["auc"] == pytest.approx(want["roc"]["auc"], abs=1e-6)
-    got_f, want_f = _features(out_got), _features(out_want)
+    got_f, want_f = cached_features(out_got), cached_features(out_want)
     assert len(want_f) == want["n_images"] and set(got_f) == set(want_f)
     for sha, vector in want_f.items():
         np.testing.assert_allclose(got_f[sha], vector, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, tiny_overrides
 from xray import tracking
 from xray.cli import main as xray_main
 from xray.config import load_config
@@ -20,20 +20,8 @@ BINARY, MULTI = "ResNet50_binary_classification", "ResNet50_multiclass_classific
 
 
 def _overrides(tmp_path, *extra):
-    return [
-        "weights=random",
-        f"dataset.raw_dir={tmp_path / 'raw'}",
-        f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=64",
-        f"results_dir={tmp_path / 'results'}",
-        f"cache_dir={tmp_path / 'cache'}",
-        "test_fraction=0.34",
-        "batch_size=8",
-        "classifier.maxIter=5",
-        "tracking.mlflow=true",
-        f"tracking.uri={tmp_path / 'store' / 'mlruns.db'}",
-        *extra,
-    ]
+    return tiny_overrides(tmp_path, tmp_path / "raw", "classifier.maxIter=5", "tracking.mlflow=true",
+                          f"tracking.uri={tmp_path / 'store' / 'mlruns.db'}", *extra)
 
 
 def _experiment(tmp_path, name=BINARY, *extra):

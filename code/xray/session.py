@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 import zipfile
 
 from pyspark.sql import SparkSession
@@ -104,11 +105,14 @@ def connect_session(spark_cfg: dict, conf: dict[str, str]) -> SparkSession:
     builder = SparkSession.builder.remote(url).appName(spark_cfg["app_name"])
     if is_local(url):
         os.environ["PYSPARK_PYTHON"] = conf.get("spark.pyspark.python", sys.executable)
-        builder = (builder.config("spark.driver.memory", spark_cfg["driver_memory"])
+        builder = (builder.config("spark.driver.memory", spark_cfg["driver_memory"]).config("spark.log.level", "ERROR")
                    .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1"))
     for key, value in conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    with warnings.catch_warnings():
+        if is_local(url):  # pyspark sets the options once more after the start: static ones warn
+            warnings.filterwarnings("ignore", message="Failed to set", category=UserWarning)
+        spark = builder.getOrCreate()
     check_connect_versions(spark)
     _ship_once(spark.session_id, lambda path: spark.addArtifacts(path, pyfile=True))
     mark_package_shipped(spark)
@@ -119,7 +123,7 @@ def default_parallelism(spark) -> int:
     """How many tasks Spark runs at once by default: the SparkContext's in classic mode; on Spark
     Connect (no SparkContext) the partitions Spark gives a range."""
     if is_connect(spark):
-        return spark.range(0, 4096).select(F.max(F.spark_partition_id())).first()[0] + 1
+        return spark.range(0, 4096).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()[0] + 1
     return spark.sparkContext.defaultParallelism
 
 

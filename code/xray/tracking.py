@@ -284,7 +284,7 @@ def ui_command(settings: dict, base_dir: str, port: int) -> list[str]:
     """``mlflow ui`` on the configured store, bound to 127.0.0.1."""
     uri = store_uri(settings, base_dir)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), "--workers", "1"]  # one user on this machine: one server process
     root = artifact_root(uri)
     return command + (["--default-artifact-root", root] if root else [])
 
