@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 import zipfile
+from pathlib import Path
 
 from conftest import FakeSession
 from imagefeaturizer import shipping
@@ -43,3 +44,27 @@ def test_the_package_is_shipped_once_where_workers_may_not_import_it(monkeypatch
 def test_the_zip_is_named_by_its_content():
     first, again = shipping.package_zip(), shipping.package_zip()
     assert first == again and os.path.basename(first).startswith("imagefeaturizer-")
+
+
+class _ConnectSession(FakeSession):
+    """What the library sees of a Spark Connect session: its module, a session id, no SparkContext."""
+
+    __module__ = "pyspark.sql.connect.session"
+
+    def __init__(self):
+        super().__init__("local[2]")
+        self.session_id = uuid.uuid4().hex
+
+
+def test_spark_connect_gets_the_package_and_weights_as_artifacts(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", ROOT_OF_PACKAGE)  # the server's workers do not see the client's path
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"weights")
+    connect = _ConnectSession()
+    assert shipping.is_connect(connect) and not shipping.is_connect(_session("local[2]"))
+    assert shipping.ensure_package(connect) is True and shipping.ensure_package(connect) is False
+    sha = shipping.weights_sha256(connect, str(weights))
+    assert shipping.weights_sha256(connect, str(weights)) == sha  # hashed and shipped once
+    (package, kind), (shipped, file_kind) = connect.artifacts
+    assert (kind, file_kind) == ("pyfile", "file") and os.path.basename(package).startswith("imagefeaturizer-")
+    assert os.path.basename(shipped) == f"{sha[:16]}-w.weights.h5" and Path(shipped).read_bytes() == b"weights"
