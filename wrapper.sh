@@ -33,6 +33,7 @@ Experiments (run `python -m xray <command>` inside the environment):
                                classify one image or every image in a folder
   cluster start [--workers N] | cluster stop
                                start or stop a local Spark standalone cluster
+  mlflow-ui [--port 5000]      open the MLflow UI on the tracking store (tracking.uri), on 127.0.0.1
 Tests:
   test [pytest args...]        run the test suite (e.g. `test -m 'not slow'`, `test -k resize`)
 Other:
@@ -139,7 +140,7 @@ create_or_update_env() {
         "$ENV_PY" -m pip install --disable-pip-version-check -r "$ROOT/requirements.txt"
     fi
     # Quick smoke test of the pinned stack before declaring the env good.
-    "$ENV_PY" -c 'import pyspark, numpy, pandas, pyarrow, PIL, yaml, keras' \
+    "$ENV_PY" -c 'import pyspark, numpy, pandas, pyarrow, PIL, yaml, keras, mlflow' \
         || die "the environment in $ENV_DIR installed but its packages do not import"
     sha256_of_inputs >"$STAMP"
 }
@@ -279,6 +280,10 @@ case "$cmd" in
     list)
         prepare_exec nojava
         exec "$ENV_PY" -m xray list "$@"
+        ;;
+    mlflow-ui)
+        prepare_exec nojava
+        exec "$ENV_PY" -m xray mlflow-ui "$@"
         ;;
     run | sweep | predict | cluster)
         prepare_exec

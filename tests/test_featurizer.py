@@ -13,7 +13,7 @@ from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import IndexToString, StringIndexer
 from pyspark.ml.linalg import DenseVector
 
-from conftest import ROOT, make_dataset, png_bytes, xray_like
+from conftest import ROOT, FakeSession, make_dataset, png_bytes, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
@@ -129,35 +129,20 @@ def test_handle_invalid_is_pysparks_shared_param():
     assert f.handleInvalid.name == "handleInvalid" and f.setHandleInvalid("error").getHandleInvalid() == "error"
 
 
-class _FakeContext:
-    """What ``_resolved_weights`` uses of a SparkContext: a cluster master, addFile, getConf."""
-
-    master = "spark://10.0.0.1:7077"
-
-    def __init__(self):
-        self.added = []
-
-    def addFile(self, path):  # noqa: N802 - Spark's name
-        self.added.append(path)
-
-    def getConf(self):  # noqa: N802 - Spark's name
-        return {}
-
-
-def test_weights_are_shipped_once_per_spark_context(tmp_path, monkeypatch):
-    import types
-
+def test_weights_are_shipped_once_per_session(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "check_weights_file", lambda *args: None)  # a stand-in file (tested in test_backbones)
     path = str(tmp_path / "w.h5")
     with open(path, "wb") as f:
         f.write(b"weights")
+    sha = backbones.file_sha256(path)
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
-    first, second = _FakeContext(), _FakeContext()  # e.g. a context stopped and a new one started
-    for sc in (first, first, second):
-        spark = types.SimpleNamespace(sparkContext=sc)
-        assert featurizer._resolved_weights(spark) == (path, backbones.file_sha256(path))
-    assert first.added == [path] and second.added == [path]
-    assert not any(name.startswith("_featurizer") for name in vars(first))  # nothing stored on the context
+    first, second = FakeSession(app_id="app-a"), FakeSession(app_id="app-b")  # e.g. a session stopped, a new one
+    for spark in (first, first, second):
+        assert featurizer._resolved_weights(spark) == (path, sha)
+    for spark in (first, second):
+        assert [kind for _, kind in spark.artifacts] == ["file"]
+        shipped = spark.artifacts[0][0]
+        assert os.path.basename(shipped) == f"{sha[:16]}-w.h5" and backbones.file_sha256(shipped) == sha
 
 
 def _fit_pipeline(spark, root):

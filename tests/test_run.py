@@ -14,7 +14,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, tiny_overrides
 from xray import reports
 from xray.config import load_config
 from xray.errors import DataError
@@ -23,17 +23,7 @@ from xray.split import assign_split, with_split
 
 
 def _overrides(tmp_path, raw, *extra):
-    return [
-        "weights=random",
-        f"dataset.raw_dir={raw}",
-        f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=64",
-        f"results_dir={tmp_path / 'results'}",
-        f"cache_dir={tmp_path / 'cache'}",
-        "test_fraction=0.34",
-        "batch_size=8",
-        *extra,
-    ]
+    return tiny_overrides(tmp_path, raw, *extra)
 
 
 @pytest.fixture(scope="module")

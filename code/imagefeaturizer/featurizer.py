@@ -13,13 +13,14 @@ How an image becomes a feature vector, in order:
    (:func:`imagefeaturizer.runtime.get_extractor`);
 4. returned as a Spark ML ``DenseVector`` column that LogisticRegression takes directly.
 
-This file holds the Transformer: its Params, persistence and the plan of the pandas UDF. What
-runs inside the Python workers is in :mod:`imagefeaturizer.runtime`.
+This file holds the Transformer: its Params and the plan of the pandas UDF. What runs inside the
+Python workers is in :mod:`imagefeaturizer.runtime`; what the driver ships to them (weights, this
+package) in :mod:`imagefeaturizer.shipping`; how a saved featurizer carries its weights file in
+:mod:`imagefeaturizer.persistence`. No SparkContext or JVM access: it runs on Spark Connect too.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterator, Tuple
 
 import pandas as pd
@@ -33,14 +34,10 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from . import backbones, runtime
+from . import backbones, persistence, runtime, shipping
 from .images import DEFAULT_MAX_PIXELS, SPARK_IMAGE_FIELDS
-from .runtime import SHIP_WEIGHTS_CONF
 
 HANDLE_INVALID = ("error", "skip")
-
-# Per SparkContext (dropped with it): weights path -> sha256, for files already hashed and shipped.
-_SHIPPED_WEIGHTS: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 class KerasImageFeaturizer(
@@ -207,24 +204,25 @@ class KerasImageFeaturizer(
         return backbones.get_backbone(self.getModelName())
 
     def _resolved_weights(self, spark) -> tuple[str | None, str | None]:
-        """(path, sha256) of the weights on the driver, computed once per SparkContext.
-
-        Off local mode the file is also shipped to every executor (``SparkContext.addFile``; each
-        executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights``
-        is ``false`` because the path is on storage every node reads. Executors check the sha256
-        (:func:`imagefeaturizer.runtime.local_weights`).
-        """
+        """(path, sha256) of the weights on the driver; the file hashed and, where workers may not
+        read it, shipped once per session (:func:`imagefeaturizer.shipping.weights_sha256`).
+        Workers check the sha256 (:func:`imagefeaturizer.runtime.local_weights`); a loaded
+        featurizer also checks it against the saved one."""
         path = backbones.resolve_weights(self.backbone, self.getWeights())
         if path is None:
             return None, None
-        sc = spark.sparkContext
-        shipped = _SHIPPED_WEIGHTS.setdefault(sc, {})
-        if path not in shipped:
-            shipped[path] = backbones.file_sha256(path)
-            ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
-            if ship and not sc.master.startswith("local"):
-                sc.addFile(path)
-        return path, shipped[path]
+        sha = shipping.weights_sha256(spark, path)
+        persistence.check_saved_hash(self, path, sha)
+        return path, sha
+
+    def write(self) -> persistence.FeaturizerWriter:
+        """Params as ``DefaultParamsWriter`` saves them, plus the weights file copied into the
+        saved folder with its sha256 (:mod:`imagefeaturizer.persistence`)."""
+        return persistence.FeaturizerWriter(self)
+
+    @classmethod
+    def read(cls) -> persistence.FeaturizerReader:
+        return persistence.FeaturizerReader(cls)
 
     def _origin_column(self, dataset: DataFrame) -> Column:
         """What names each image in error messages: ``originCol``, else the struct's origin."""
@@ -267,6 +265,7 @@ class KerasImageFeaturizer(
     def _transform(self, dataset: DataFrame) -> DataFrame:
         self._validate()
         self._check_input(dataset)
+        shipping.ensure_package(dataset.sparkSession)  # when workers may not import this package
         task = self._task(dataset)
 
         @F.pandas_udf(T.ArrayType(T.FloatType()))

@@ -271,15 +271,16 @@ def local_weights(weights_path: str | None, weights_sha256: str | None) -> str |
     """The weights file as this process sees it, checked against the driver's sha256.
 
     The driver's path when it is readable here (same machine, or storage every node mounts at
-    the same path), else the copy the driver shipped through SparkFiles. A missing file or one
-    whose sha256 differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
+    the same path), else the copy the driver shipped (:func:`shipped_name`, or a file of the same
+    name shipped by hand, e.g. ``spark-submit --files``). A missing file or one whose sha256
+    differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
     """
     if weights_path is None:
         return None
     import socket
 
     host = socket.gethostname()
-    path = weights_path if os.path.isfile(weights_path) else _shipped_copy(weights_path)
+    path = weights_path if os.path.isfile(weights_path) else _shipped_copy(weights_path, weights_sha256)
     if not os.path.isfile(path):
         raise backbones.WeightsError(
             f"weights file {weights_path} is not readable on {host} and no copy was shipped: put it "
@@ -297,14 +298,25 @@ def local_weights(weights_path: str | None, weights_sha256: str | None) -> str |
     return path
 
 
-def _shipped_copy(weights_path: str) -> str:
-    """Where SparkFiles put the driver's copy of ``weights_path`` here ("" outside Spark)."""
+def shipped_name(weights_path: str, weights_sha256: str | None) -> str:
+    """The name the driver ships a weights file under: its sha256 prefix and its file name, so two
+    files of the same name never collide in one application or Spark Connect session."""
+    base = os.path.basename(weights_path)
+    return f"{weights_sha256[:16]}-{base}" if weights_sha256 else base
+
+
+def _shipped_copy(weights_path: str, weights_sha256: str | None = None) -> str:
+    """Where SparkFiles put the driver's copy of ``weights_path`` here ("" when none)."""
     from pyspark import SparkFiles
 
     try:
-        return SparkFiles.get(os.path.basename(weights_path))
+        root = SparkFiles.getRootDirectory()
     except Exception:  # noqa: BLE001 - no SparkFiles root: not in a Spark process
         return ""
+    for name in dict.fromkeys((shipped_name(weights_path, weights_sha256), os.path.basename(weights_path))):
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return ""
 
 
 TEST_HOLD_ENV = "IMAGEFEATURIZER_TEST_HOLD"

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="CSV to write (default: predictions.csv beside the model)")
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    ui = sub.add_parser("mlflow-ui", help="open the MLflow UI on the tracking store (tracking.uri)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     cluster = sub.add_parser("cluster", help="start or stop a local Spark standalone cluster")
     cluster.add_argument("action", choices=["start", "stop", "status"])
     cluster.add_argument("--workers", type=int, default=2)
@@ -119,13 +123,22 @@ def cmd_predict(args) -> int:
     return run_predict(load_config(args.config), args.model, args.images, args.output, args.overrides)
 
 
+def cmd_mlflow_ui(args) -> int:
+    from .tracking import run_ui
+
+    config = load_config(args.config)
+    exp = config.experiment(config.names[0], args.overrides)  # tracking.* lives in the defaults
+    return run_ui(exp.settings, exp.base_dir, args.port)
+
+
 def cmd_cluster(args) -> int:
     from .cluster import run_cluster
 
     return run_cluster(args.action, args.workers)
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "cluster": cmd_cluster}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "cluster": cmd_cluster,
+            "mlflow-ui": cmd_mlflow_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

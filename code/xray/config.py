@@ -111,9 +111,15 @@ SCHEMA: dict[str, Any] = {
     },
     "spark": {
         "master": _text,
+        "remote": _text,  # optional: a Spark Connect server, sc://host:15002, or local (starts one)
         "app_name": _text,
         "driver_memory": _text,
         "conf": OpenMap(),
+    },
+    "tracking": {  # MLflow (xray/tracking.py)
+        "mlflow": _typed(bool),
+        "uri": _text,
+        "experiment": _text,
     },
 }
 

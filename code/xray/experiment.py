@@ -71,8 +71,7 @@ def fit_head(train: DataFrame, settings: dict, n_classes: int
     two cores were slower than one).
     """
     rows = train.select(LABEL, "features")
-    partitions = max(1, min(rows.rdd.getNumPartitions(), -(-rows.count() // ROWS_PER_FIT_PARTITION)))
-    rows = rows.coalesce(partitions)
+    rows = rows.coalesce(max(1, -(-rows.count() // ROWS_PER_FIT_PARTITION)))  # never more than they have
     indexer = StringIndexer(inputCol=LABEL, outputCol=LABEL_INDEX, stringOrderType="alphabetAsc")
     fitted = Pipeline(stages=[indexer, make_classifier(settings, n_classes)]).fit(rows)
     indexer_model, lr_model = fitted.stages

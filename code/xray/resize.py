@@ -27,7 +27,7 @@ from .atomic import atomic_file, write_json_atomic
 from .config import Experiment
 from .data import Listing, audit, check_invalid, describe_ignored, invalid_error, list_dataset, source_cue_warning
 from .errors import DataError
-from .session import spark_session
+from .session import default_parallelism, spark_session
 
 MANIFEST = ".resize-manifest.json"
 AUDIT_FILE = "data-audit.json"
@@ -254,8 +254,8 @@ def _run_job(session, listing: Listing, out_dir: str, todo: list[str], names: di
     """The Spark job over the files to do; one result row per file (see :func:`_resize_partition`)."""
     pairs = [(os.path.join(listing.root, r), os.path.join(out_dir, names[r])) for r in todo]
     # Enough tasks to use every core, none too small: each task costs a Python worker round trip.
-    tasks = max(1, min(session.sparkContext.defaultParallelism * 4, -(-len(todo) // FILES_PER_TASK)))
-    jobs = session.createDataFrame(session.sparkContext.parallelize(pairs, tasks), "src string, dst string")
+    tasks = max(1, min(default_parallelism(session) * 4, -(-len(todo) // FILES_PER_TASK)))
+    jobs = session.createDataFrame(pairs, "src string, dst string").repartition(tasks)
     schema = ", ".join(f"{k} {v}" for k, v in _RESULT_COLUMNS.items())
     return jobs.mapInPandas(_resize_partition(size, mode, max_pixels), schema=schema).toPandas()
 

@@ -19,13 +19,14 @@ import platform
 import time
 from dataclasses import dataclass
 
+from pyspark.ml import PipelineModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
-from . import experiment, reports
+from . import experiment, reports, tracking
 from .atomic import StagedFolder, write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
@@ -143,6 +144,7 @@ def _check_before_spark(exp: Experiment, log) -> None:
         log(ignored)
     _check_class_sizes(exp, {c: (len(files), 0) for c, files in listing.files.items()})
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
+    tracking.check_store(exp)  # tracking on and the MLflow store unreachable: one line, no Spark yet
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
 
@@ -178,15 +180,16 @@ def fit_and_report(p: Prepared, log=print) -> dict:
 
     Thread-safe for different experiments on one SparkSession (a sweep runs two at a time)."""
     try:
-        result = _fit_and_write(p, log)
+        result, model = _fit_and_write(p, log)
     except BaseException:
         p.discard()
         raise
     p.commit()
+    tracking.log_experiment(p.exp, result, model, log)  # the run's files in place; with tracking.mlflow on, a failure only warns
     return result
 
 
-def _fit_and_write(p: Prepared, log) -> dict:
+def _fit_and_write(p: Prepared, log) -> tuple[dict, PipelineModel]:
     exp, fstats, phases = p.exp, p.fstats, p.phases
     phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     classes = sorted(exp.classes)
@@ -206,7 +209,8 @@ def _fit_and_write(p: Prepared, log) -> dict:
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
     cv = _cross_validation(exp, train, rows, classes, log, phases)
-    experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(p.out_dir, "model"))
+    model = experiment.assemble(head, p.featurizer)
+    experiment.save_model_atomic(model, os.path.join(p.out_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv, split_info, near)
     result["reports"] = {**reports.write_experiment_reports(p.out_dir, result, pred["y_true"], pred["probability"]),
@@ -216,7 +220,7 @@ def _fit_and_write(p: Prepared, log) -> dict:
     result["wall_seconds"] = time.perf_counter() - p.started
     write_json_atomic(os.path.join(p.out_dir, "metrics.json"), result)
     split.unpersist()
-    return result
+    return result, model
 
 
 def _assign_split(exp: Experiment, keys, classes: list[str], log) -> tuple[list[SplitRow], dict]:

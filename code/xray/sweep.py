@@ -18,7 +18,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import reports
+from . import reports, tracking
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, parse_set
 from .errors import LOG_FOLDER, one_line, user_message
@@ -89,6 +89,24 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
     names = matching(config, pattern)
     board = _Board(config, names, _results_root(config, names, overrides), log)
     log(f"sweep: {len(names)} experiment(s): {', '.join(names)}")
+    with tracking.sweep_run(*_tracking_settings(config, names, overrides), pattern, names) as finish:  # MLflow parent run
+        code = _run_all(config, names, overrides, board, log)
+        finish(board.root, code == 0)
+    return code
+
+
+def _tracking_settings(config: Config, names: list[str], overrides: list[str]) -> tuple[dict, str]:
+    """The settings (of the first experiment that builds) that say where the MLflow parent run goes."""
+    for name in names:
+        try:
+            exp = config.experiment(name, overrides)
+        except ConfigError:
+            continue
+        return exp.settings, exp.base_dir
+    return {}, os.path.dirname(os.path.abspath(config.path))
+
+
+def _run_all(config: Config, names: list[str], overrides: list[str], board: "_Board", log) -> int:
     later = _later_classes(config, names, overrides)
     with ThreadPoolExecutor(max_workers=HEAD_THREADS, thread_name_prefix="xray-sweep") as pool:
         pending = []
