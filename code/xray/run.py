@@ -27,7 +27,7 @@ from .data import describe_ignored, list_dataset, load_images
 from .download import run_download
 from .errors import DataError, UserError
 from .features import FeaturizeStats, featurize_cached, weights_id
-from .resize import ensure_resized, task_data_checks
+from .resize import ensure_resized, resized_images, task_data_checks
 from .session import spark_session
 from .split import with_split
 
@@ -92,7 +92,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
     extra = _extra_classes(exp, also_classes)
-    images = load_images(spark, exp.resized_dir, [*exp.classes, *extra])
+    images = load_images(spark, resized_images(exp.resized_dir, [*exp.classes, *extra], log))
     feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
                                      keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
