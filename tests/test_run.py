@@ -11,7 +11,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, xray_like
 from xray.config import load_config
 from xray.errors import DataError
 from xray.run import run_experiment
@@ -123,3 +123,33 @@ def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tm
         assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
         for cls in ("Covid-19", "No_findings"):  # the good files were kept
             assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
+
+
+@pytest.mark.slow
+def test_odd_names_glob_paths_and_damage_between_runs(spark, config, tmp_path):
+    """Folders with glob characters, a file whose name starts with '_' (Spark's file sources
+    skip such names), then a damaged resized image and a damaged feature-cache part between
+    runs: every image reaches the model, and the rerun repairs both and gives the same metrics."""
+    root = tmp_path / "runs [1] {a,b} *?\\"
+    raw = make_dataset(root / "raw", classes=("Covid-19", "No_findings"), per_class=4)
+    xray_like(1, 77).save(root / "raw" / "No_findings" / "_lead.png")
+    exp = config.experiment("ResNet50_binary_classification", _overrides(root, raw, "handleInvalid=skip"))
+    m = run_experiment(exp, log=lambda line: None)
+    assert m["n_images"] == 9 and m["images_skipped"] == 0 and m["n_train"] + m["n_test"] == 9
+
+    resized = root / "resized" / "No_findings" / "img1.png"
+    resized.write_bytes(resized.read_bytes()[:200])
+    cache = root / "cache"
+    (folder,) = [f for f in cache.iterdir() if f.name != "quarantine"]
+    (part,) = [p for p in folder.iterdir() if p.name.startswith("part-")]
+    data_file = max((f for f in part.iterdir() if f.suffix == ".parquet"), key=lambda f: f.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:100])
+
+    logs: list[str] = []
+    m2 = run_experiment(exp, log=logs.append)
+    assert any(line.startswith("resize: 1 of 9 images to write") for line in logs)
+    assert any(line.startswith(f"feature cache: part {part} is damaged") for line in logs)
+    assert (cache / "quarantine" / folder.name / part.name).is_dir()
+    assert m2["images_skipped"] == 0 and m2["invalid_files"] == {} and m2["images_featurized"] == 9
+    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "n_images"):
+        assert m2[key] == m[key]

@@ -193,7 +193,7 @@ def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int
         **sizes,
         "n_images": fstats.images,
         "images_skipped": fstats.images - sizes["n_train"] - sizes["n_test"] + len(p.invalid_raw),
-        "invalid_files": {os.path.join(exp.raw_dir, k): v for k, v in p.invalid_raw.items()},
+        "invalid_files": {**{os.path.join(exp.raw_dir, k): v for k, v in p.invalid_raw.items()}, **fstats.skipped},
         "featurization_seconds": fstats.seconds,
         "images_featurized": fstats.featurized,
         "images_featurized_for_other_tasks": fstats.featurized_for_others,
