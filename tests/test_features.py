@@ -13,7 +13,7 @@ from pyspark.ml import Transformer
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import functions as F
 
-from xray import features, progress
+from xray import atomic, features, progress
 from xray.cache_parts import list_parts as _parts
 from xray.features import cache_folder, featurize_cached
 
@@ -193,3 +193,32 @@ def test_images_the_featurizer_skips_are_named_with_their_reason(spark, tmp_path
         assert stats.skipped == {bad: "not an image (unrecognised format)"}
         assert any(line.startswith(f"left out 1 image(s) that did not decode (handleInvalid=skip): {bad}: not an image")
                    for line in logs)
+
+
+class _FailingFeaturizer(_LengthFeaturizer):
+    """Fails inside the Spark job, as a wrong weights file or a bad image with handleInvalid=error do."""
+
+    def _transform(self, df):
+        return df.withColumn("features", array_to_vector(F.array(F.raise_error(F.lit("featurizer failed")).cast("double"))))
+
+
+def test_a_failed_run_leaves_no_empty_cache_folder_and_later_runs_tidy_up(spark, tmp_path):
+    images, cache = _images(spark, CONTENTS), tmp_path / "cache" / "features"
+    with pytest.raises(Exception, match="featurizer failed"):
+        featurize_cached(spark, images, _FailingFeaturizer(), str(cache), log=lambda line: None)
+    assert os.listdir(tmp_path) == []  # neither the cache folders it made nor a temporary part
+
+    # What earlier runs left: an empty cache folder, a killed run's temporary part (its process
+    # is gone); a running run's temporary part stays.
+    (cache / "Other-avg-x-v1").mkdir(parents=True)
+    host, boot, pid, start = atomic.owner_tag().split(".")
+    killed = cache / "Stub-avg-x-v1" / f".tmp-{host}.{boot}.{pid}.{int(start) + 1}-part-1"
+    (killed / "_temporary" / "0").mkdir(parents=True)
+    running = cache / "Busy-avg-x-v1" / f".tmp-{atomic.owner_tag()}-part-2"
+    running.mkdir(parents=True)
+    logs: list[str] = []
+    feats, _ = featurize_cached(spark, images, _LengthFeaturizer(), str(cache), log=logs.append)
+    assert _features(feats) == EXPECTED
+    assert not killed.exists() and running.exists() and not (cache / "Other-avg-x-v1").exists()
+    assert any(line.startswith("feature cache: removed 1 temporary part(s) left by an interrupted run")
+               and str(killed) in line for line in logs)

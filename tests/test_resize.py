@@ -180,7 +180,8 @@ def test_a_damaged_output_is_made_again_from_its_raw_file(spark, tmp_path):
     assert dict(report.written) == {"A": 1, "B": 1} and report.invalid == {}
     assert {n: (out / n).read_bytes() for n in _outputs(out)} == good
     assert resize.is_resized_current(raw, str(out), 40, "L", 10_000)
-    assert "resize: 2 of 4 images to write" in logs[0]
+    assert logs[0].startswith("resize: 2 of 4 images to write") and logs[0].endswith(
+        f"2 output(s) missing or changed since written: {os.path.join('A', 'img0.png')}, {os.path.join('B', 'img1.png')}")
 
 
 def test_only_outputs_of_the_manifest_are_loaded_strays_are_named_orphans_removed(spark, tmp_path):

@@ -110,19 +110,27 @@ def _output_names(listing: Listing) -> dict[str, str]:
 
 
 def resize_todo(listing: Listing, out_dir: str, size: int, mode: str, max_pixels: int) -> list[str]:
-    """Raw files whose output is missing, stale or was made with other settings."""
+    """Raw files whose output is missing, stale, damaged or was made with other settings."""
+    return list(_todo(listing, out_dir, size, mode, max_pixels))
+
+
+def _todo(listing: Listing, out_dir: str, size: int, mode: str, max_pixels: int) -> dict[str, str]:
+    """Raw files to process -> why: "raw" (new, changed, other settings), "output" (missing or
+    changed since it was written: truncated, overwritten) or "unrecorded" (an older manifest)."""
     manifest = read_manifest(out_dir)
     same = manifest.get("settings") == _settings(listing.root, size, mode, max_pixels)
     done = {**manifest.get("files", {}), **manifest.get("invalid", {})} if same else {}
-    todo = []
+    todo = {}
     for rels in listing.files.values():
         for rel in rels:
             prev = done.get(rel)
             stat = _stat(os.path.join(listing.root, rel))
             if prev is None or prev.get("size") != stat["size"] or prev.get("mtime_ns") != stat["mtime_ns"]:
-                todo.append(rel)
+                todo[rel] = "raw"
+            elif "out" in prev and "out_size" not in prev:
+                todo[rel] = "unrecorded"
             elif "out" in prev and not _output_intact(out_dir, prev):
-                todo.append(rel)
+                todo[rel] = "output"
     return todo
 
 
@@ -204,12 +212,15 @@ def resize_dataset(
     remove_killed_runs_files(out_dir, log)
     state = _load_state(listing, out_dir, _settings(raw_dir, size, mode, max_pixels))
     _drop_outdated(state, out_dir)
-    todo = (resize_todo(listing, out_dir, size, mode, max_pixels) if state.same
-            else [r for rs in listing.files.values() for r in rs])
+    todo = (_todo(listing, out_dir, size, mode, max_pixels) if state.same
+            else dict.fromkeys((r for rs in listing.files.values() for r in rs), "raw"))
     if todo:
-        log(f"resize: {len(todo)} of {listing.count} images to write into {out_dir} ({size}x{size}, mode {mode})")
+        changed = [state.files[r]["out"] for r, why in todo.items() if why == "output"]
+        again = f"; {len(changed)} output(s) missing or changed since written: {_listed(changed)}" if changed else ""
+        log(f"resize: {len(todo)} of {listing.count} images to write into {out_dir} ({size}x{size}, mode {mode}){again}")
         session = spark() if callable(spark) else spark
-        _record(state, listing, out_dir, _run_job(session, listing, out_dir, todo, state.names, size, mode, max_pixels))
+        _record(state, listing, out_dir, _run_job(session, listing, out_dir, list(todo), state.names, size, mode,
+                                                  max_pixels))
     else:
         log(f"resize: {out_dir} is up to date ({listing.count} images)")
     write_json_atomic(os.path.join(out_dir, MANIFEST),
