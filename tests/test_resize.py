@@ -183,6 +183,21 @@ def test_a_damaged_output_is_made_again_from_its_raw_file(spark, tmp_path):
     assert logs[0].startswith("resize: 2 of 4 images to write") and logs[0].endswith(
         f"2 output(s) missing or changed since written: {os.path.join('A', 'img0.png')}, {os.path.join('B', 'img1.png')}")
 
+    # Changed in place with size and mtime kept: only decoding tells. The featurizer's error
+    # (or its skip) names the file; the run marks it, and the next resize makes it again.
+    stat = os.stat(cut)
+    cut.write_bytes(b"x" * stat.st_size)
+    os.utime(cut, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+    message = f"invalid image: file:{cut}: not an image (unrecognised format)"
+    assert resize.damaged_output(message, str(out)) == str(cut)
+    assert resize.damaged_output(f"invalid image: file:{raw}/A/img0.png: x", str(out)) is None
+    assert resize.forget_outputs(str(out), [f"file:{cut}", str(raw)]) == [os.path.join("A", "img0.png")]
+    assert not resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+    report = resize_dataset(spark, raw, str(out), log=lambda line: None, **kw)
+    assert report.written["A"] == 1 and sum(report.written.values()) == 1
+    assert {n: (out / n).read_bytes() for n in _outputs(out)} == good
+
 
 def test_only_outputs_of_the_manifest_are_loaded_strays_are_named_orphans_removed(spark, tmp_path):
     raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=2)

@@ -30,6 +30,7 @@ from .atomic import TEMP_PREFIX, atomic_file, remove_orphans, write_json_atomic
 from .config import Experiment
 from .data import Listing, audit, check_invalid, describe_ignored, invalid_error, list_dataset, source_cue_warning
 from .errors import DataError
+from .paths import file_uri, local_path
 from .session import spark_session
 
 MANIFEST = ".resize-manifest.json"
@@ -396,6 +397,28 @@ def resized_images(out_dir: str, classes: list[str], log=print) -> list[tuple[st
         log(f"left out {len(stray)} file(s) in {out_dir} not made by the resize step (not in its manifest "
             f"{MANIFEST}; not deleted): {_listed(stray)}")
     return files
+
+
+def forget_outputs(out_dir: str, paths) -> list[str]:
+    """Mark the outputs among ``paths`` (local paths or ``file:`` URIs) as not written, so the
+    next resize makes them again from their raw files: outputs that do not decode although their
+    size and mtime are as written. Returns them (relative paths); other paths are ignored."""
+    manifest = read_manifest(out_dir)
+    by_out = {os.path.join(out_dir, e["out"]): e for e in manifest.get("files", {}).values() if "out" in e}
+    forgotten = []
+    for path in paths:
+        entry = by_out.get(os.path.normpath(local_path(path)))
+        if entry is not None and entry.pop("out_size", None) is not None:
+            forgotten.append(entry["out"])
+    if forgotten:
+        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return sorted(forgotten)
+
+
+def damaged_output(message: str, out_dir: str) -> str | None:
+    """The output of ``out_dir`` a worker's invalid-image message names (``<file URI>: reason``)."""
+    outputs = (os.path.join(out_dir, e["out"]) for e in read_manifest(out_dir).get("files", {}).values() if "out" in e)
+    return next((p for p in outputs if f"{file_uri(p)}: " in message), None)
 
 
 def strays(out_dir: str, classes, made: set[str]) -> list[str]:
