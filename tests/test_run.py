@@ -12,7 +12,9 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from conftest import ROOT, make_dataset, xray_like
+from xray import resize, run
 from xray.config import load_config
+from xray.data import list_dataset
 from xray.errors import DataError
 from xray.run import run_experiment
 from xray.split import with_split
@@ -153,3 +155,29 @@ def test_odd_names_glob_paths_and_damage_between_runs(spark, config, tmp_path):
     assert m2["images_skipped"] == 0 and m2["invalid_files"] == {} and m2["images_featurized"] == 9
     for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "n_images"):
         assert m2[key] == m[key]
+
+
+def test_a_resized_output_the_featurizer_cannot_decode_is_named_and_made_again(spark, config, tmp_path, monkeypatch):
+    """Changed in place with size and mtime kept, so the resize step sees nothing: the worker's
+    error names it; the run marks it in the manifest (one line says so) and the next resize
+    makes it again. The featurizer's failure is simulated (its message as workers raise it)."""
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
+    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, raw))
+    resize.resize_dataset(spark, raw, exp.resized_dir, size=64, mode="L", max_pixels=10_000, log=lambda line: None)
+    bad = os.path.join(exp.resized_dir, "No_findings", "img1.png")
+    worker = f"imagefeaturizer.images.InvalidImageError: file:{bad}: not an image (unrecognised format)"
+
+    def fails(*args, message=f"Python worker failed\n{worker}\n", **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(run, "featurize_cached", fails)
+    with pytest.raises(DataError) as caught:
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)
+    assert str(caught.value) == (f"invalid image: file:{bad}: not an image (unrecognised format): it is a resized "
+                                 "output, not the raw file; the next run makes it again from its raw file: run again")
+    assert resize.resize_todo(list_dataset(raw, exp.classes), exp.resized_dir, 64, "L", 10_000) == [
+        os.path.join("No_findings", "img1.png")]
+    # Anything else stays as it is.
+    monkeypatch.setattr(run, "featurize_cached", lambda *a, **k: fails(message="other failure"))
+    with pytest.raises(RuntimeError, match="other failure"):
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)
