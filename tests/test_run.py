@@ -14,9 +14,10 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import ROOT, make_dataset, tiny_overrides
-from xray import reports
+from conftest import ROOT, make_dataset, tiny_overrides, xray_like
+from xray import reports, resize, run
 from xray.config import load_config
+from xray.data import list_dataset
 from xray.errors import DataError
 from xray.run import Phases, _cross_validation, run_experiment
 from xray.split import assign_split, with_split
@@ -226,3 +227,59 @@ def test_group_folds_that_train_without_a_class_stop_the_run(config):
     with pytest.raises(DataError, match=r"^cv_folds=2: fold [01] would be validated by a model trained without "
                                         r"Covid-19: .*: lower cv_folds$"):
         _cross_validation(exp, None, rows, ["Covid-19", "No_findings"], print, Phases())
+
+
+@pytest.mark.slow
+def test_odd_names_glob_paths_and_damage_between_runs(spark, config, tmp_path):
+    """Folders with glob characters, a file whose name starts with '_' (Spark's file sources
+    skip such names), then a damaged resized image and a damaged feature-cache part between
+    runs: every image reaches the model, and the rerun repairs both and gives the same metrics."""
+    root = tmp_path / "runs [1] {a,b} *?\\"
+    raw = make_dataset(root / "raw", classes=("Covid-19", "No_findings"), per_class=4)
+    xray_like(1, 77).save(root / "raw" / "No_findings" / "_lead.png")
+    exp = config.experiment("ResNet50_binary_classification", _overrides(root, raw, "handleInvalid=skip"))
+    m = run_experiment(exp, log=lambda line: None)
+    assert m["n_images"] == 9 and m["images_skipped"] == 0 and m["n_train"] + m["n_test"] == 9
+
+    resized = root / "resized" / "No_findings" / "img1.png"
+    resized.write_bytes(resized.read_bytes()[:200])
+    cache = root / "cache"
+    (folder,) = [f for f in cache.iterdir() if f.name != "quarantine"]
+    (part,) = [p for p in folder.iterdir() if p.name.startswith("part-")]
+    data_file = max((f for f in part.iterdir() if f.suffix == ".parquet"), key=lambda f: f.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:100])
+
+    logs: list[str] = []
+    m2 = run_experiment(exp, log=logs.append)
+    assert any(line.startswith("resize: 1 of 9 images to write") for line in logs)
+    assert any(line.startswith(f"feature cache: part {part} is damaged") for line in logs)
+    assert (cache / "quarantine" / folder.name / part.name).is_dir()
+    assert m2["images_skipped"] == 0 and m2["invalid_files"] == {} and m2["images_featurized"] == 9
+    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "n_images"):
+        assert m2[key] == m[key]
+
+
+def test_a_resized_output_the_featurizer_cannot_decode_is_named_and_made_again(spark, config, tmp_path, monkeypatch):
+    """Changed in place with size and mtime kept, so the resize step sees nothing: the worker's
+    error names it; the run marks it in the manifest (one line says so) and the next resize
+    makes it again. The featurizer's failure is simulated (its message as workers raise it)."""
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
+    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, raw))
+    resize.resize_dataset(spark, raw, exp.resized_dir, size=64, mode="L", max_pixels=10_000, log=lambda line: None)
+    bad = os.path.join(exp.resized_dir, "No_findings", "img1.png")
+    worker = f"imagefeaturizer.images.InvalidImageError: file:{bad}: not an image (unrecognised format)"
+
+    def fails(*args, message=f"Python worker failed\n{worker}\n", **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(run, "featurize_cached", fails)
+    with pytest.raises(DataError) as caught:
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)
+    assert str(caught.value) == (f"invalid image: file:{bad}: not an image (unrecognised format): it is a resized "
+                                 "output, not the raw file; the next run makes it again from its raw file: run again")
+    assert resize.resize_todo(list_dataset(raw, exp.classes), exp.resized_dir, 64, "L", 10_000) == [
+        os.path.join("No_findings", "img1.png")]
+    # Anything else stays as it is.
+    monkeypatch.setattr(run, "featurize_cached", lambda *a, **k: fails(message="other failure"))
+    with pytest.raises(RuntimeError, match="other failure"):
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)

@@ -205,3 +205,24 @@ def test_predict_errors_are_one_line(swept, tmp_path, capsys):
     code = main(["--config", os.path.join(ROOT, "config.yaml"), "predict", BINARY, str(tmp_path / "missing"), "--set", results])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "missing" in err
+
+
+def test_predict_any_name_in_folders_with_glob_characters(swept, tmp_path, capsys):
+    """'_'-named files are predicted (Spark's file sources would skip them), an empty file says
+    so, and a model and images in folders whose names Spark would read as globs load."""
+    models = tmp_path / "models [1] {a,b} *?\\"
+    shutil.copytree(swept["root"] / "results" / BINARY, models / BINARY)
+    images = tmp_path / "new [2]" / "No_findings"
+    images.mkdir(parents=True)
+    for name in ("_lead.png", "x[1].png", ".hidden.png"):
+        (images / name).write_bytes(open(os.path.join(swept["raw"], "No_findings", "img1.png"), "rb").read())
+    (images / "empty.png").write_bytes(b"")
+    out = tmp_path / "out [3].csv"
+    code = run_predict(swept["config"], str(models / BINARY), str(images.parent), str(out), swept["overrides"], log=print)
+    assert code == 1
+    rows = {r["path"]: r for r in csv.DictReader(open(out, encoding="utf-8"))}
+    assert sorted(rows) == sorted(str(images / n) for n in ("_lead.png", "x[1].png", "empty.png"))
+    assert rows[str(images / "empty.png")]["error"] == "empty file (0 bytes)"
+    for name in ("_lead.png", "x[1].png"):
+        assert rows[str(images / name)]["predicted_class"] in ("Covid-19", "No_findings") and not rows[str(images / name)]["error"]
+    assert "empty file (0 bytes)" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """``wrapper.sh predict <experiment or model folder> <image or folder>``: classify new images.
 
 The saved ``PipelineModel`` of an experiment (``results/<experiment>/model``) is loaded in this
-process and applied to image files read with Spark's ``binaryFile`` source. Each image is first
+process and applied to the image files listed (:func:`xray.data.load_images`: every file, whatever
+its name; folders may hold glob characters). Each image is first
 normalised exactly as the resize job normalised the training images (the same
 :func:`xray.resize.normalize_image`) (one mode, one square size,
 settings read from the ``config.json`` snapshot beside the model), so a new image reaches the
@@ -25,15 +26,15 @@ from imagefeaturizer.images import InvalidImageError
 
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, Experiment
-from .data import list_images
+from .data import list_images, load_images
 from .errors import DataError
 from .evaluation import wilson_interval
+from .paths import local_path, spark_literal
 from .progress import Progress
 from .resize import normalize_image
 from .session import spark_session
 
 PREDICTIONS = "predictions.csv"
-_GLOB_CHARS = "\\[]{}*?"
 
 
 def _normalize_udf(size: int, mode: str, max_pixels: int):
@@ -43,6 +44,10 @@ def _normalize_udf(size: int, mode: str, max_pixels: int):
     def normalize(contents: pd.Series, paths: pd.Series) -> pd.DataFrame:
         out, errors = [], []
         for raw, path in zip(contents, paths):
+            if raw is None:
+                out.append(None)
+                errors.append("cannot read file")
+                continue
             try:
                 out.append(normalize_image(bytes(raw), size=size, mode=mode, max_pixels=max_pixels, origin=path))
                 errors.append(None)
@@ -101,15 +106,6 @@ def _reported_test_accuracy(model_dir: str) -> dict | None:
         return None
 
 
-def _escape_glob(path: str) -> str:
-    """Spark treats []{}*? in a path as a glob; a backslash makes them literal."""
-    return "".join("\\" + c if c in _GLOB_CHARS else c for c in path)
-
-
-def _local(spark_path: str) -> str:
-    return os.path.normpath(spark_path[len("file:"):] if spark_path.startswith("file:") else spark_path)
-
-
 def _model_classes(model) -> list[str]:
     for stage in reversed(model.stages):
         labels = stage.getOrDefault("labels") if stage.hasParam("labels") and stage.isDefined("labels") else None
@@ -124,7 +120,7 @@ def _load_model(model_dir: str):
     from pyspark.ml import PipelineModel
 
     try:
-        model = PipelineModel.load(model_dir)
+        model = PipelineModel.load(spark_literal(model_dir))
     except Exception as exc:  # noqa: BLE001 - any load failure is a damaged or foreign folder
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise DataError(f"cannot load the saved model in {model_dir}: {first.strip()[:200]}") from None
@@ -141,18 +137,18 @@ def predict_images(spark, model, paths: list[str], *, size: int, mode: str, max_
     predicted; the reason when the file could not be read or decoded).
     """
     classes = _model_classes(model)
-    raw: DataFrame = spark.read.format("binaryFile").load([_escape_glob(p) for p in paths])
+    raw: DataFrame = load_images(spark, [(p, None) for p in paths])
     normalized = raw.select("path", _normalize_udf(size, mode, max_pixels)(F.col("content"), F.col("path")).alias("n"))
     normalized = normalized.select("path", F.col("n.content").alias("content"), F.col("n.error").alias("error")).persist()
     try:
-        errors = {_local(r.path): r.error for r in normalized.filter(F.col("error").isNotNull()).select("path", "error").collect()}
+        errors = {local_path(r.path): r.error for r in normalized.filter(F.col("error").isNotNull()).select("path", "error").collect()}
         good = normalized.filter(F.col("error").isNull()).select("path", "content")
         n_good = sum(1 for p in paths if p not in errors)
         with Progress(spark, n_good, log, what="predicting"):
             out = model.transform(good).select("path", "predicted_label", "probability").collect()
     finally:
         normalized.unpersist()
-    found = {_local(r.path): (r.predicted_label, r.probability.toArray()) for r in out}
+    found = {local_path(r.path): (r.predicted_label, r.probability.toArray()) for r in out}
     rows = []
     for p in paths:
         key = os.path.normpath(p)
@@ -162,7 +158,7 @@ def predict_images(spark, model, paths: list[str], *, size: int, mode: str, max_
             row["predicted_class"] = label
             row.update({f"p_{c}": float(v) for c, v in zip(classes, prob)})
         else:
-            row["error"] = errors.get(key) or "not read by Spark (its file reader skips names starting with '_' or '.')"
+            row["error"] = errors.get(key) or "not classified (the model returned no row for it)"
         rows.append(row)
     return pd.DataFrame(rows, columns=["path", "predicted_class", *(f"p_{c}" for c in classes), "error"])
 

@@ -31,9 +31,9 @@ from .atomic import StagedFolder, write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
 from .download import run_download
-from .errors import DataError, UserError
+from .errors import DataError, UserError, worker_error_message
 from .features import FeaturizeStats, featurize_cached, weights_id
-from .resize import ensure_resized, task_data_checks
+from .resize import damaged_output, ensure_resized, forget_outputs, resized_images, task_data_checks
 from .session import spark_session
 from .near_duplicates import NearDuplicates, find_near_duplicates
 from .split import SplitRow, assign_split, describe_split, fold_gaps, join_split, min_class_size, split_summary
@@ -123,11 +123,29 @@ def _prepare(exp: Experiment, log, also_classes, staging: StagedFolder, phases: 
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
     extra = _extra_classes(exp, also_classes)
-    images = load_images(spark, exp.resized_dir, [*exp.classes, *extra])
-    feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
-                                     keep=list(exp.classes) if extra else None)
+    images = load_images(spark, resized_images(exp.resized_dir, [*exp.classes, *extra], log))
+    feats, fstats = _featurize(spark, images, featurizer, exp, log, keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
     return Prepared(exp, staging, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
+
+
+def _featurize(spark, images, featurizer, exp: Experiment, log, keep) -> tuple:
+    """featurize_cached; resized outputs that do not decode (changed in place, size and mtime
+    kept, so the resize step could not tell) are made again by the next run, which the error says."""
+    try:
+        feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log, keep=keep)
+    except Exception as exc:  # noqa: BLE001 - only an invalid resized output is turned into a DataError
+        message = worker_error_message(exc) or ""
+        bad = damaged_output(message, exp.resized_dir)
+        if bad is None or not forget_outputs(exp.resized_dir, [bad]):
+            raise
+        raise DataError(f"{message}: it is a resized output, not the raw file; the next run makes it again "
+                        f"from its raw file: run again") from None
+    forgotten = forget_outputs(exp.resized_dir, fstats.skipped)
+    if forgotten:
+        log(f"the next run makes {len(forgotten)} resized output(s) that did not decode again from their raw files: "
+            f"{', '.join(forgotten[:10])}")
+    return feats, fstats
 
 
 def _check_before_spark(exp: Experiment, log) -> None:
@@ -297,7 +315,7 @@ def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int
         **sizes,
         "n_images": fstats.images,
         "images_skipped": fstats.images - sizes["n_train"] - sizes["n_test"] + len(p.invalid_raw),
-        "invalid_files": {os.path.join(exp.raw_dir, k): v for k, v in p.invalid_raw.items()},
+        "invalid_files": {**{os.path.join(exp.raw_dir, k): v for k, v in p.invalid_raw.items()}, **fstats.skipped},
         "featurization_seconds": fstats.seconds,
         "images_featurized": fstats.featurized,
         "images_featurized_for_other_tasks": fstats.featurized_for_others,
