@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" # quiet TensorFlow's C+
 
 usage() {
     cat <<'EOF'
-Usage: ./wrapper.sh <command> [args...]
+Usage: ./wrapper.sh [--config FILE] <command> [args...]
 
 Environment:
   env-setup [--force]          create or update the Python environment (idempotent):
@@ -26,6 +26,8 @@ Experiments (run `python -m xray <command>` inside the environment):
   sweep [pattern]              run every experiment whose name matches pattern
   predict <experiment-or-model-dir> <image-or-folder>
                                classify one image or every image in a folder
+  explain <experiment-or-model-dir> <image-or-folder> [--output DIR] [--class NAME]
+                               class activation maps: where the model looks, per image
   cluster start [--workers N] | cluster stop
                                start or stop a local Spark standalone cluster
 Tests:
@@ -220,6 +222,17 @@ prepare_exec() {
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
+config_args=() # --config FILE (before the command) goes to the CLI
+while [[ "${1:-}" == --config || "${1:-}" == --config=* ]]; do
+    if [[ "$1" == --config ]]; then
+        (($# >= 2)) || die "--config needs a file"
+        config_args+=("$1" "$2")
+        shift 2
+    else
+        config_args+=("$1")
+        shift
+    fi
+done
 if (($# == 0)); then
     usage >&2
     exit 2
@@ -236,11 +249,11 @@ case "$cmd" in
         ;;
     list)
         prepare_exec nojava
-        exec "$ENV_PY" -m xray list "$@"
+        exec "$ENV_PY" -m xray ${config_args[@]+"${config_args[@]}"} list "$@"
         ;;
-    run | sweep | predict | cluster)
+    run | sweep | predict | explain | cluster)
         prepare_exec
-        exec "$ENV_PY" -m xray "$cmd" "$@"
+        exec "$ENV_PY" -m xray ${config_args[@]+"${config_args[@]}"} "$cmd" "$@"
         ;;
     test)
         prepare_exec

@@ -1,4 +1,4 @@
-"""Command line: ``python -m xray <command>`` (``wrapper.sh`` sets up the environment and calls it).
+"""Command line: ``python -m xray [--config FILE] <command>`` (``wrapper.sh`` sets up the environment and calls it).
 
 Every error a user can fix prints one line on stderr (``error: ...``) and exits non-zero; no
 Python traceback reaches the terminal for those.
@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", help="an image file or a folder of images")
     predict.add_argument("--output", help="CSV to write (default: predictions.csv beside the model)")
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    explain = sub.add_parser("explain", help="class activation maps of new images with a saved model")
+    explain.add_argument("model", help="experiment name (uses results/<experiment>/model) or a saved model folder")
+    explain.add_argument("images", help="an image file or a folder of images")
+    explain.add_argument("--output", help="folder to write into (default: explanations/ beside the model)")
+    explain.add_argument("--class", dest="class_name", metavar="NAME",
+                         help="show this class's map (default: each image's predicted class)")
+    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     cluster = sub.add_parser("cluster", help="start or stop a local Spark standalone cluster")
     cluster.add_argument("action", choices=["start", "stop", "status"])
@@ -101,13 +109,20 @@ def cmd_predict(args) -> int:
     return run_predict(load_config(args.config), args.model, args.images, args.output, args.overrides)
 
 
+def cmd_explain(args) -> int:
+    from .explain import run_explain
+
+    return run_explain(load_config(args.config), args.model, args.images, args.output, args.class_name, args.overrides)
+
+
 def cmd_cluster(args) -> int:
     from .cluster import run_cluster
 
     return run_cluster(args.action, args.workers)
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "cluster": cmd_cluster}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "explain": cmd_explain,
+            "cluster": cmd_cluster}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from . import experiment, reports
+from .explain import explain_test_images
 from .atomic import write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
@@ -146,11 +147,17 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
     cv = _cross_validation(exp, train, classes, log, phases)
-    experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(exp.results_dir, "model"))
+    model = experiment.assemble(head, p.featurizer)
+    experiment.save_model_atomic(model, os.path.join(exp.results_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv)
     result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
     phases.mark("reports")
+    result["explanations"] = explain_test_images(split.sparkSession, model, pred, classes, exp.settings,
+                                                 exp.results_dir, exp.name, log)
+    if "gallery" in result["explanations"]:
+        result["reports"]["cam_gallery"] = result["explanations"]["gallery"]
+    phases.mark("explanations")
     result["phase_seconds"] = phases.seconds
     result["wall_seconds"] = time.perf_counter() - p.started
     write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
