@@ -85,6 +85,8 @@ def test_set_overrides_any_key(config):
         ("handleInvalid=ignore", "expected one of error, skip"),
         ("noequals", "expected key=value"),
         ("dataset=/x", "is a section"),
+        ("explain.border_warning=1.5", "must be <= 1.0"),
+        ("explain.sample_per_class=-1", "must be >= 0"),
     ],
 )
 def test_bad_set_values(config, assignment, message):
