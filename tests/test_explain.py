@@ -87,18 +87,19 @@ def _marked_raw(root, per_class: int = 24) -> dict[str, tuple[float, float]]:
 
 
 @pytest.mark.slow
-def test_a_planted_marker_is_found_through_run_and_explain_with_another_config(tmp_path):
-    """The issue's check on generated images: ``wrapper.sh --config other.yaml run`` then ``explain``
-    on the marked test images; the peak of each ``.cam.npy`` lies near the marker for at least 80%.
+def test_a_planted_marker_is_found_through_run_and_explain_with_another_config(spark, tmp_path, capsys):
+    """The issue's check on generated images: ``--config other.yaml run`` then ``explain`` on the
+    marked test images (the CLI in-process, on the tests' Spark session; wrapper.sh's passing of
+    ``--config``: test_cli.py); the peak of each ``.cam.npy`` lies near the marker for at least 80%.
     Random weights (no network in tests); other.yaml names its own task and experiment."""
     import json
     import os
     import shutil
-    import subprocess
 
     import yaml
 
     from conftest import ROOT
+    from xray.cli import main
     from xray.split import split_rows
 
     centres = _marked_raw(tmp_path / "raw")
@@ -111,13 +112,7 @@ def test_a_planted_marker_is_found_through_run_and_explain_with_another_config(t
             "test_fraction=0.25", "spark.master=local[2]"]
     args = [arg for s in sets for arg in ("--set", s)]
 
-    def wrapper(*command):
-        out = subprocess.run([os.path.join(ROOT, "wrapper.sh"), "--config", str(other), *command, *args], cwd="/",
-                             capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
-        return out
-
-    ran = wrapper("run", "Marker_probe")
-    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert main(["--config", str(other), "run", "Marker_probe", *args]) == 0
     metrics = json.loads((tmp_path / "results" / "Marker_probe" / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9 and (tmp_path / "results" / "Marker_probe" / "cam_gallery.png").is_file()
 
@@ -127,10 +122,11 @@ def test_a_planted_marker_is_found_through_run_and_explain_with_another_config(t
     (tmp_path / "marked_test").mkdir()
     for name in test:
         shutil.copy(tmp_path / "raw" / "Marked" / name, tmp_path / "marked_test" / name)
-    explained = wrapper("explain", "Marker_probe", str(tmp_path / "marked_test"), "--class", "Marked")
-    assert explained.returncode == 0, explained.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["--config", str(other), "explain", "Marker_probe", str(tmp_path / "marked_test"), "--class", "Marked",
+                 *args]) == 0
     out = tmp_path / "results" / "Marker_probe" / "explanations"
-    assert f"output folder: {out}" in explained.stdout
+    assert f"output folder: {out}" in capsys.readouterr().out
     near = []
     for name in test:
         cam = np.load(out / name.replace(".png", ".cam.npy"))
