@@ -164,3 +164,20 @@ def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_image
     table = [line.split() for line in proc.stdout.splitlines()]
     rows = {cells[0]: cells[1] for cells in table if len(cells) == 3 and cells[0] in report["seconds"]}
     assert rows == {k: f"{v:.1f}" for k, v in report["seconds"].items()}  # the printed table shows the JSON's figures
+
+
+@pytest.mark.slow
+def test_near_duplicate_benchmark_finds_the_planted_rows(tmp_path):
+    out = tmp_path / "nd.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "near_duplicates.py"), "--images", "60,125",
+                           "--dim", "16", "--planted", "4", "--master", "local[1]", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = json.loads(out.read_text())["results"]
+    assert (first["images"], first["train"], first["test"], first["pairs_compared"]) == (60, 48, 12, 576)
+    assert (second["train"], second["test"]) == (100, 25)
+    assert first["planted_found"] == first["planted"] == 4 == second["planted_found"]
+    for r in (first, second):  # the printed line shows the JSON's figures
+        assert (f"{r['images']:>7} images ({r['train']} train x {r['test']} test = {r['pairs_compared']:,} pairs): "
+                f"{r['seconds']:.1f} s; found {r['pairs_found']} (planted 4 of 4)") in proc.stdout
+    assert f"wrote {out}" in proc.stdout

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
-from xray.config import load_config
+from xray.config import Config, load_config
 from xray.errors import ConfigError
 from xray.experiment import make_classifier
 
@@ -87,12 +87,28 @@ def test_set_overrides_any_key(config):
         ("dataset=/x", "is a section"),
         ("explain.border_warning=1.5", "must be <= 1.0"),
         ("explain.sample_per_class=-1", "must be >= 0"),
+        ("split.group_pattern=(", "not a valid regular expression .*set it empty for one group per image"),
+        ("split.group_pattern=_\\d+", "has no capturing group: put the part of the file name that names the group"),
+        ("split.near_duplicate_threshold=0.5", "must be >= 0.9"),
+        ("split=x", "is a section"),
     ],
 )
 def test_bad_set_values(config, assignment, message):
     with pytest.raises(ConfigError, match=message) as info:
         config.experiment("ResNet50_binary_classification", [assignment])
     assert "\n" not in str(info.value)
+
+
+def test_split_settings_default_and_override(config):
+    exp = config.experiment("ResNet50_binary_classification")
+    assert exp.group_pattern == r"^(\d{8})_\d{3}" and exp.near_duplicate_threshold == 0.995  # shipped for NIH names
+    assert config.experiment("ResNet50_binary_classification", ["split.group_pattern="]).group_pattern == ""
+    # a regex that YAML would read as a mapping is taken as written
+    assert config.experiment("ResNet50_binary_classification",
+                             ["split.group_pattern=^([^:]+): x"]).group_pattern == "^([^:]+): x"
+    bare = {k: v for k, v in config.defaults.items() if k != "split"}  # a config without the section
+    exp = Config(config.path, bare, config.tasks, config.entries).experiment("ResNet50_binary_classification")
+    assert exp.group_pattern == "" and exp.near_duplicate_threshold == 0.995
 
 
 def test_unknown_experiment_lists_the_names(config):

@@ -214,6 +214,7 @@ def _fit_pipeline(spark, root):
     return PipelineModel(fitted.stages + [converter]), images
 
 
+@pytest.mark.slow  # a second Python process with its own Spark and TensorFlow
 def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
     root = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=4)
     model, images = _fit_pipeline(spark, root)

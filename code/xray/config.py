@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from imagefeaturizer.backbones import BACKBONES, POOLINGS
 from .errors import ConfigError
 
 HANDLE_INVALID = ("error", "skip")
+NEAR_DUPLICATE_THRESHOLD = 0.995  # split.near_duplicate_threshold when not set
 JOBS = ("experiment", "resize", "download")
 
 
@@ -56,6 +58,23 @@ def _text(key, value):
     return value
 
 
+def _group_pattern(key, value):
+    """A regular expression with at least one capturing group, or empty (one group per image)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a regular expression (string), got {value!r}")
+    try:
+        compiled = re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key}: {value!r} is not a valid regular expression ({exc}): fix it, "
+                          f"or set it empty for one group per image") from None
+    if compiled.groups < 1:
+        raise ConfigError(f"{key}: {value!r} has no capturing group: put the part of the file name that "
+                          f"names the group in parentheses, e.g. '^(\\d{{8}})_\\d{{3}}'")
+    return value
+
+
 SCHEMA: dict[str, Any] = {
     "job": _choice(*JOBS),
     "model": _choice(*BACKBONES),
@@ -68,6 +87,10 @@ SCHEMA: dict[str, Any] = {
     "seed": _typed(int),
     "test_fraction": _typed(float, minimum=0.01, maximum=0.9),
     "cv_folds": _typed(int, minimum=0, maximum=20),
+    "split": {
+        "group_pattern": _group_pattern,  # regex on the file name; its first group names the group
+        "near_duplicate_threshold": _typed(float, minimum=0.9, maximum=1.0),  # cosine similarity
+    },
     "results_dir": _text,
     "cache_dir": _text,
     "dataset": {
@@ -146,6 +169,15 @@ class Experiment:
         return self.path(self.settings["cache_dir"])
 
     @property
+    def group_pattern(self) -> str:
+        """``split.group_pattern``; empty: one group per image."""
+        return self.settings.get("split", {}).get("group_pattern") or ""
+
+    @property
+    def near_duplicate_threshold(self) -> float:
+        return self.settings.get("split", {}).get("near_duplicate_threshold", NEAR_DUPLICATE_THRESHOLD)
+
+    @property
     def weights(self) -> str:
         """`weights` with a file path made absolute; 'imagenet' and 'random' unchanged."""
         w = self.settings["weights"]
@@ -208,6 +240,8 @@ def parse_set(assignment: str) -> tuple[list[str], Any]:
         schema = schema[part]
     if isinstance(schema, dict):
         raise ConfigError(f"--set {assignment!r}: {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(schema))}=...")
+    if schema is _group_pattern and not isinstance(value, str):  # YAML read a regex such as '^(\w+): x'
+        value = raw
     return path, value
 
 

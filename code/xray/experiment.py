@@ -105,7 +105,7 @@ def evaluate(head: tuple, rows: DataFrame, classes: list[str]) -> tuple[dict, di
 
 def cross_validate(train: DataFrame, settings: dict, classes: list[str], folds: int) -> dict:
     """Stratified k-fold cross-validation on the training split (the ``fold`` column of
-    :func:`xray.split.with_split`).
+    :func:`xray.split.assign_split`: group folds, each group in one fold).
 
     Fold ``f`` is validated by a head fitted on the other folds; the test split is never used.
     Returns the per-fold metrics and their mean, standard deviation (ddof=1), min and max.

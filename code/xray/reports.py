@@ -1,7 +1,8 @@
 """What experiments and sweeps report besides the model: the files and lines people read.
 
 Per experiment: the charts (:mod:`xray.charts`), ``config.json`` (the settings the model was
-trained with; ``predict`` reads it) and the result lines printed at the end. Per sweep:
+trained with; ``predict`` reads it), ``split.csv`` and ``near_duplicates.csv`` and the result
+lines printed at the end; every writer takes the folder to write into. Per sweep:
 ``summary.md``, ``summary.csv`` and ``summary.png``, one row per experiment. Every file is
 written atomically.
 """
@@ -20,6 +21,7 @@ from .charts import confusion_matrix_chart, learning_curve_chart, roc_chart, sum
 from .evaluation import auc
 
 CONFUSION_MATRIX, ROC, LEARNING_CURVE, CONFIG = "confusion_matrix.png", "roc.png", "learning_curve.png", "config.json"
+SPLIT_CSV, NEAR_DUPLICATES_CSV = "split.csv", "near_duplicates.csv"
 SUMMARY_MD, SUMMARY_CSV, SUMMARY_CHART = "summary.md", "summary.csv", "summary.png"
 
 
@@ -34,6 +36,30 @@ def write_experiment_reports(results_dir: str, m: dict, y_true: np.ndarray, prob
     snapshot = {"experiment": m["experiment"], "classes": m["classes"], "settings": m.get("config", {})}
     write_json_atomic(os.path.join(results_dir, CONFIG), snapshot)
     return {"confusion_matrix": CONFUSION_MATRIX, "roc": ROC, "learning_curve": LEARNING_CURVE, "config": CONFIG}
+
+
+def _csv_text(columns: list[str], rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_split_csv(folder: str, rows) -> str:
+    """``split.csv`` in ``folder``: path, class, group, side (train/test) and cross-validation fold
+    (-1 on test rows) of every image (:class:`xray.split.SplitRow`); returns the file name."""
+    write_text_atomic(os.path.join(folder, SPLIT_CSV), _csv_text(
+        ["path", "class", "group", "side", "fold"], ((r.path, r.label, r.group, r.side, r.fold) for r in rows)))
+    return SPLIT_CSV
+
+
+def write_near_duplicates_csv(folder: str, pairs: list[tuple[str, str, float]]) -> str:
+    """``near_duplicates.csv`` in ``folder``: (train path, test path, similarity), one pair a row,
+    most similar first (a header only when there are none); returns the file name."""
+    write_text_atomic(os.path.join(folder, NEAR_DUPLICATES_CSV), _csv_text(
+        ["train_path", "test_path", "similarity"], ((a, b, f"{sim:.6f}") for a, b, sim in pairs)))
+    return NEAR_DUPLICATES_CSV
 
 
 def format_result(m: dict, results_dir: str) -> str:
@@ -58,6 +84,13 @@ def format_result(m: dict, results_dir: str) -> str:
         lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
                      f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
     lines += _explanation_lines(m.get("explanations") or {})
+    split, near = m.get("split") or {}, m.get("near_duplicates")
+    if "groups" in split:
+        how = "by split.group_pattern" if split.get("group_pattern") else "one per image"
+        lines.append(f"  split: {split['groups']} groups ({how}), {split['groups_train']} train, {split['groups_test']} "
+                     f"test; {split['mixed_class_groups']} with more than one class")
+    if near is not None:
+        lines.append(f"  near-duplicate train-test pairs (standardised-feature cosine >= {near['threshold']}): {near['pairs']}")
     lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
     if m.get("reports"):
         lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
@@ -82,6 +115,7 @@ def _explanation_lines(e: dict) -> list[str]:
 def summary_row(name: str, m: dict) -> dict[str, Any]:
     """One summary row of a finished experiment's metrics."""
     cv = m.get("cross_validation") or {}
+    split = m.get("split") or {}
     supports = [v["support"] for v in m["per_class"].values()]
     return {
         "experiment": name,
@@ -101,6 +135,9 @@ def summary_row(name: str, m: dict) -> dict[str, Any]:
         "cv_accuracy_std": (cv.get("accuracy") or {}).get("std"),
         "n_train": m["n_train"],
         "n_test": m["n_test"],
+        "group_pattern": split.get("group_pattern"),
+        "groups": split.get("groups"),
+        "near_duplicates": (m.get("near_duplicates") or {}).get("pairs"),
         "weights": m["weights"],
         "featurization_seconds": m["featurization_seconds"],
         "images_featurized": m["images_featurized"],
@@ -132,7 +169,7 @@ def summary_csv(rows: list[dict]) -> str:
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
     columns = ["experiment", "model", "task", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
                *(f"recall_{c}" for c in classes), "auc", "majority_baseline", "cv_folds", "cv_accuracy_mean",
-               "cv_accuracy_std", "n_train", "n_test", "weights", "featurization_seconds", "images_featurized",
+               "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights", "featurization_seconds", "images_featurized",
                "images_from_cache", "images_per_second", "images_per_second_source",
                *(f"border_share_{c}" for c in classes), "error"]
     buf = io.StringIO()
@@ -149,11 +186,13 @@ def summary_markdown(rows: list[dict]) -> str:
     """The human summary: one table row per experiment, then failures and notes."""
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
     head = ["experiment", "model", "task", "accuracy (95% CI)", *(f"recall {c}" for c in classes), "AUC",
-            "cv accuracy", "test n", "featurization s", "images/s", *(f"border share {c}" for c in classes)]
+            "cv accuracy", "test n", "groups", "near-dups", "featurization s", "images/s",
+            *(f"border share {c}" for c in classes)]
     lines = ["# Sweep summary", "",
              "Test accuracy with its 95% Wilson interval on the held-out split; AUC is binary (positive class: the "
              "first class of the task) or the macro mean of one-vs-rest AUCs; cv accuracy is mean ± std over the "
-             "folds of the training split when cv_folds > 1. Border share: of each class's class activation map, "
+             "folds of the training split when cv_folds > 1; groups: the split's groups (each on one side); near-dups: "
+             "train-test pairs of near-duplicate images. Border share: of each class's class activation map, "
              "the share of positive mass in the outer 15% of the image (mean over a sample of test images of the "
              "class; evenly spread evidence gives 0.51; high values point to a shortcut at the image border).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -167,7 +206,7 @@ def summary_markdown(rows: list[dict]) -> str:
             cells = [r["experiment"], r["model"], r["task"],
                      f"{r['accuracy']:.3f} ({r['ci95_low']:.3f}-{r['ci95_high']:.3f})",
                      *(_fmt(r["recall"].get(c)) for c in classes), _fmt(r["auc"]), cv, str(r["n_test"]),
-                     f"{r['featurization_seconds']:.1f}",
+                     _groups_cell(r), _fmt(r.get("near_duplicates")), f"{r['featurization_seconds']:.1f}",
                      f"{rate:.1f}" + (" (cached)" if r["images_per_second_source"] == "cache" else "") if rate else "",
                      *(_fmt((r.get("border_share") or {}).get(c), 2) for c in classes)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -183,11 +222,33 @@ def summary_markdown(rows: list[dict]) -> str:
     for warning in dict.fromkeys(r["data_warning"] for r in rows if r.get("data_warning")):
         notes.append(warning)
     notes += [f"{r['experiment']}: {r['explanations_warning']}" for r in rows if r.get("explanations_warning")]
+    notes += _split_notes(rows)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "Per experiment: results/<experiment>/metrics.json, confusion_matrix.png, roc.png, "
-              "learning_curve.png, cam_gallery.png, config.json; chart of this table: summary.png.", ""]
+              "learning_curve.png, cam_gallery.png, config.json, split.csv, near_duplicates.csv; chart of this table: summary.png.", ""]
     return "\n".join(lines)
+
+
+def _groups_cell(r: dict) -> str:
+    """The split's groups: their number, and whether split.group_pattern made them."""
+    if r.get("groups") is None:
+        return ""
+    return f"{r['groups']}" + (" (pattern)" if r.get("group_pattern") else " (per image)")
+
+
+def _split_notes(rows: list[dict]) -> list[str]:
+    """The group setting of the experiments, and a word on near-duplicates."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("groups") is not None]
+    notes = []
+    for pattern in dict.fromkeys(r.get("group_pattern") for r in ok):
+        names = ", ".join(r["experiment"] for r in ok if r.get("group_pattern") == pattern)
+        notes.append(f"split groups: split.group_pattern `{pattern}` (each group on one side and in one fold): {names}"
+                     if pattern else f"split groups: one per image (no split.group_pattern): {names}")
+    if any(r.get("near_duplicates") for r in ok):
+        notes.append("near-dups: train-test pairs of images with almost the same features (listed in "
+                     "results/<experiment>/near_duplicates.csv): test accuracy may count images seen in training.")
+    return notes
 
 
 def write_summary(results_root: str, rows: list[dict]) -> None:

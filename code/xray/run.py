@@ -30,7 +30,8 @@ from .explain import explain_test_images
 from .features import FeaturizeStats, featurize_cached, weights_id
 from .resize import ensure_resized, task_data_checks
 from .session import spark_session
-from .split import with_split
+from .near_duplicates import NearDuplicates, find_near_duplicates
+from .split import SplitRow, assign_split, describe_split, fold_gaps, join_split, split_summary
 
 
 class Phases:
@@ -134,24 +135,28 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     exp, fstats, phases = p.exp, p.fstats, p.phases
     phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     classes = sorted(exp.classes)
-    split = with_split(p.feats, exp["seed"], exp["test_fraction"], exp["cv_folds"], keys=fstats.keys).cache()
+    rows, split_info = _assign_split(exp, fstats.keys, classes, log)
+    split = join_split(p.feats, rows).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
     sizes = _split_sizes(split)
     log(f"features: {fstats.images} images, {fstats.featurized} featurized in {fstats.seconds:.1f} s, "
         f"{fstats.from_cache} from cache; train {sizes['n_train']}, test {sizes['n_test']}")
     phases.mark("split")
+    near = _near_duplicates(exp, split, log)
+    phases.mark("near_duplicates")
     head = experiment.fit_head(train, exp.settings, len(classes))
     phases.mark("fit")
     if list(head[0].labels) != classes:
         raise DataError(f"training split lacks a class: has {head[0].labels}, task needs {classes}")
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
-    cv = _cross_validation(exp, train, classes, log, phases)
+    cv = _cross_validation(exp, train, rows, classes, log, phases)
     model = experiment.assemble(head, p.featurizer)
     experiment.save_model_atomic(model, os.path.join(exp.results_dir, "model"))
     phases.mark("save_model")
-    result = _result(p, classes, metrics, sizes, head[1], cv)
-    result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
+    result = _result(p, classes, metrics, sizes, head[1], cv, split_info, near)
+    result["reports"] = {**reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"]),
+                         **_write_split_reports(exp.results_dir, rows, near)}
     phases.mark("reports")
     result["explanations"] = explain_test_images(split.sparkSession, model, pred, classes, exp.settings,
                                                  exp.results_dir, exp.name, log)
@@ -165,23 +170,62 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     return result
 
 
+def _assign_split(exp: Experiment, keys, classes: list[str], log) -> tuple[list[SplitRow], dict]:
+    """The split of the experiment's images (pure Python on the driver) and what metrics.json says of it."""
+    rows = assign_split(keys, exp["seed"], exp["test_fraction"], exp["cv_folds"], exp.group_pattern)
+    info = split_summary(rows, classes, exp.group_pattern)
+    log(describe_split(info))
+    if not any(r.is_test for r in rows):
+        raise DataError(f"the split left the test side empty: the {info['groups']} group(s) of "
+                        f"split.group_pattern are too few or too large: change the pattern or raise test_fraction")
+    empty = [c for c, v in info["per_class"].items() if v["images"] and not v["test_images"]]
+    if empty:
+        log(f"warning: no test image of {', '.join(empty)}: their groups are too large for test_fraction "
+            f"{exp['test_fraction']}; their test metrics are empty")
+    return rows, info
+
+
+def _near_duplicates(exp: Experiment, split: DataFrame, log) -> NearDuplicates:
+    """Train-test pairs of near-duplicate images, from the features already in ``split``."""
+    near = find_near_duplicates(split, exp.near_duplicate_threshold)
+    warning = near.warning(os.path.join(exp.results_dir, reports.NEAR_DUPLICATES_CSV))
+    log(warning or f"near-duplicates: no train-test pair at cosine similarity of standardised features >= {near.threshold}")
+    return near
+
+
+def _write_split_reports(folder: str, rows: list[SplitRow], near: NearDuplicates) -> dict[str, str]:
+    """split.csv and near_duplicates.csv in ``folder``; returns {what: file name}."""
+    return {"split": reports.write_split_csv(folder, rows),
+            "near_duplicates": reports.write_near_duplicates_csv(folder, near.listed)}
+
+
 def _split_sizes(split: DataFrame) -> dict[str, int]:
     sizes = {r["is_test"]: r["count"] for r in split.groupBy("is_test").count().collect()}
     return {"n_train": sizes.get(False, 0), "n_test": sizes.get(True, 0)}
 
 
-def _cross_validation(exp: Experiment, train: DataFrame, classes: list[str], log, phases: Phases) -> dict | None:
-    if exp["cv_folds"] <= 1:
+def _cross_validation(exp: Experiment, train: DataFrame, rows: list[SplitRow], classes: list[str], log,
+                      phases: Phases) -> dict | None:
+    folds = exp["cv_folds"]
+    if folds <= 1:
         return None
-    log(f"cross-validation: {exp['cv_folds']} stratified folds of the training split")
-    cv = experiment.cross_validate(train, exp.settings, classes, exp["cv_folds"])
+    gaps = fold_gaps(rows, folds)
+    if gaps:
+        f, missing = next(iter(gaps.items()))
+        raise DataError(f"cv_folds={folds}: fold {f} would be validated by a model trained without "
+                        f"{', '.join(missing)}: the groups of split.group_pattern are too few or too large "
+                        f"for {folds} folds: lower cv_folds")
+    kind = "group folds" if exp.group_pattern else "folds"
+    log(f"cross-validation: {folds} stratified {kind} of the training split")
+    cv = {**experiment.cross_validate(train, exp.settings, classes, folds), "grouped": bool(exp.group_pattern)}
     acc = cv["accuracy"]
     log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
     phases.mark("cross_validation")
     return cv
 
 
-def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int], lr_model, cv: dict | None) -> dict:
+def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int], lr_model, cv: dict | None,
+            split_info: dict, near: NearDuplicates) -> dict:
     """The metrics.json of a run (without the reports and timings added at the end)."""
     exp, fstats = p.exp, p.fstats
     random_weights = exp["weights"] == backbones.RANDOM
@@ -211,7 +255,9 @@ def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int
         "lr_objective_history": [float(v) for v in lr_model.summary.objectiveHistory] if lr_model.hasSummary else [],
         "data_audit": p.audit,
         "data_warning": p.cue_warning,
-        "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True},
+        "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True,
+                  "grouped": bool(exp.group_pattern), **split_info},
+        "near_duplicates": near.summary(),
         **({"cross_validation": cv} if cv is not None else {}),
         "config": exp.settings,
         "versions": versions(),

@@ -25,10 +25,11 @@ import time
 import uuid
 
 import pyspark.daemon
+import pyspark.worker
 from pyspark import TaskContext
 
 GATE = os.environ["XRAY_TEST_GATE"]
-_run_task = pyspark.daemon.worker_main
+_run_task = pyspark.worker.main
 
 
 def _record(kind: str, **fields) -> None:
@@ -66,6 +67,9 @@ def gated_task(infile, outfile) -> None:
             featurized="imagefeaturizer" in sys.modules)
 
 
+# The daemon's forked child looks the task runner up in pyspark.worker when it starts (pyspark
+# 4.1 and later); older daemons bound it at import as daemon.worker_main. Gate both.
+pyspark.worker.main = gated_task
 pyspark.daemon.worker_main = gated_task
 
 if __name__ == "__main__":
