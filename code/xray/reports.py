@@ -169,8 +169,9 @@ def summary_csv(rows: list[dict]) -> str:
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
     columns = ["experiment", "model", "task", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
                *(f"recall_{c}" for c in classes), "auc", "majority_baseline", "cv_folds", "cv_accuracy_mean",
-               "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights", "featurization_seconds", "images_featurized",
-               "images_from_cache", "images_per_second", "images_per_second_source",
+               "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights",
+               "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
+               "images_per_second_source",
                *(f"border_share_{c}" for c in classes), "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
