@@ -31,6 +31,8 @@ Experiments (run `python -m xray <command>` inside the environment):
   sweep [pattern]              run every experiment whose name matches pattern
   predict <experiment-or-model-dir> <image-or-folder>
                                classify one image or every image in a folder
+  explain <experiment-or-model-dir> <image-or-folder> [--output DIR] [--class NAME]
+                               class activation maps: where the model looks, per image
   cluster start [--workers N] | cluster stop
                                start or stop a local Spark standalone cluster
   mlflow-ui [--port 5000]      open the MLflow UI on the tracking store (tracking.uri), on 127.0.0.1
@@ -285,7 +287,7 @@ case "$cmd" in
         prepare_exec nojava
         exec "$ENV_PY" -m xray mlflow-ui "$@"
         ;;
-    run | sweep | predict | cluster)
+    run | sweep | predict | explain | cluster)
         prepare_exec
         exec "$ENV_PY" -m xray "$cmd" "$@"
         ;;

@@ -85,6 +85,8 @@ def test_set_overrides_any_key(config):
         ("handleInvalid=ignore", "expected one of error, skip"),
         ("noequals", "expected key=value"),
         ("dataset=/x", "is a section"),
+        ("explain.border_warning=1.5", "must be <= 1.0"),
+        ("explain.sample_per_class=-1", "must be >= 0"),
         ("split.group_pattern=(", "not a valid regular expression .*set it empty for one group per image"),
         ("split.group_pattern=_\\d+", "has no capturing group: put the part of the file name that names the group"),
         ("split.near_duplicate_threshold=0.5", "must be >= 0.9"),

@@ -67,6 +67,48 @@ def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
     np.testing.assert_allclose(np.stack([by_path[p] for p in paths]), _local_features(paths), rtol=1e-4, atol=1e-4)
 
 
+def test_maps_col_adds_the_feature_maps_of_the_same_pass(spark, tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(3):
+        xray_like(i, seed=i, size=(70, 50), mode="RGB").save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(png_bytes(xray_like(1, seed=2))[:60])
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", batchSize=2, mapsCol="maps", handleInvalid="skip")
+    out = f.transform(spark.read.format("binaryFile").load(str(folder)))
+    for df in (out, f.copy({f.mapsCol: ""}).transform(spark.read.format("binaryFile").load(str(folder)))):
+        # One UDF call for features and maps, also under skip's null filter (which the optimizer
+        # would otherwise evaluate with a second copy of the call).
+        assert df._jdf.queryExecution().executedPlan().toString().count("ArrowEvalPython") == 1
+    rows = out.select("path", "features", "maps").collect()
+    assert sorted(os.path.basename(_strip(r.path)) for r in rows) == ["im0.png", "im1.png", "im2.png"]
+    extractor = get_extractor(MODEL, None, "avg")
+    arrays = [extractor.prepare(decode_to_pil(open(_strip(r.path), "rb").read())) for r in rows]
+    features, maps = extractor.predict_with_maps(arrays, batch_size=2)
+    assert f.backbone.map_shape == maps.shape[1:]
+    np.testing.assert_allclose(np.stack([np.asarray(r.maps) for r in rows]), maps.reshape(len(rows), -1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), features, rtol=1e-4, atol=1e-4)
+    assert "maps" not in KerasImageFeaturizer(modelName=MODEL, weights="random").transform(
+        spark.read.format("binaryFile").load(str(folder / "im0.png"))).columns
+    with pytest.raises(ValueError, match="mapsCol 'features' must differ"):
+        KerasImageFeaturizer(mapsCol="features")
+
+
+def test_maps_col_persists_and_older_saves_load_without_it(spark, tmp_path):
+    import json
+
+    KerasImageFeaturizer(modelName=MODEL, mapsCol="m").save(str(tmp_path / "with"))
+    assert KerasImageFeaturizer.load(str(tmp_path / "with")).getMapsCol() == "m"
+    KerasImageFeaturizer(modelName=MODEL).save(str(tmp_path / "old"))
+    (meta,) = (tmp_path / "old" / "metadata").glob("part-*")
+    saved = json.loads(meta.read_text())
+    for key in ("paramMap", "defaultParamMap"):
+        saved[key].pop("mapsCol", None)  # as saved before mapsCol existed
+    meta.write_text(json.dumps(saved))
+    for crc in (tmp_path / "old" / "metadata").glob(".*.crc"):
+        crc.unlink()  # the checksum of the file as first written
+    assert KerasImageFeaturizer.load(str(tmp_path / "old")).getMapsCol() == ""
+
+
 def test_wrong_input_column_type_is_a_clear_error(spark):
     df = spark.createDataFrame([(1,)], ["content"])
     with pytest.raises(TypeError, match="expected binary image bytes"):

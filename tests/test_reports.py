@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def _rows():
     b, _, _ = _binary()
     y3 = np.array([0, 1, 2, 2, 1, 0])
     p3 = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.8 + 0.0667
-    mc = _metrics("ResNet50_multiclass_classification", ["Covid-19", "No_findings", "Pneumonia"], y3, p3.argmax(1), p3)
+    mc = _metrics("ResNet50_multiclass_classification", ["Covid-19", "No_findings", "Pneumonia"], y3, p3.argmax(1), p3,
+                  explanations=_explanations({"Covid-19": 0.81, "No_findings": 0.42, "Pneumonia": None}))
     cv = {"folds": 3, "accuracy": {"mean": 0.8, "std": 0.05, "min": 0.75, "max": 0.85}}
     grouped = {"split": {"group_pattern": r"^(\d{8})_", "groups": 646}, "near_duplicates": {"pairs": 3}}
     return [
@@ -98,6 +100,27 @@ def _rows():
     ]
 
 
+def _explanations(shares: dict) -> dict:
+    """An ``explanations`` entry of metrics.json (xray.explain) with these border shares."""
+    from xray.explain import border_warning
+
+    per_class = {c: {"images": 4, "border_share": v, "peak_x": 0.5, "peak_y": 0.4} for c, v in shares.items()}
+    return {"per_class": per_class, "border": 0.15, "border_area_share": 0.51, "sample_per_class": 16,
+            "warning": border_warning(per_class, 0.7)}
+
+
+def test_explanation_lines_and_warning():
+    m, _, _ = _binary()
+    lines = reports.format_result({**m, "explanations": _explanations({"Covid-19": 0.74, "No_findings": 0.5})}, "/r/x")
+    lines = lines.splitlines()
+    assert lines[4] == ("  evidence in the outer 15% of the image (share of positive map mass; even spread 0.51): "
+                        "Covid-19 0.74, No_findings 0.50 (up to 16 test images per class)")
+    assert lines[5].startswith("  WARNING: the evidence for Covid-19 sits mostly at the image border (Covid-19 74% ")
+    assert "No_findings" not in lines[5]
+    skipped = reports.format_result({**m, "explanations": {"skipped": "need pooling=avg"}}, "/r/x").splitlines()
+    assert skipped[4] == "  class activation maps: none (need pooling=avg)"
+
+
 def test_summary_table_markdown_and_csv():
     rows = _rows()
     table = list(csv.DictReader(io.StringIO(reports.summary_csv(rows))))
@@ -107,6 +130,8 @@ def test_summary_table_markdown_and_csv():
     assert table[0]["recall_Pneumonia"] == "" and table[1]["recall_Pneumonia"] != ""
     assert float(table[0]["cv_accuracy_mean"]) == 0.8 and table[1]["cv_folds"] == ""
     assert table[2]["error"] == "weights for VGG16 unavailable offline" and table[2]["accuracy"] == ""
+    assert float(table[1]["border_share_Covid-19"]) == 0.81 and table[1]["border_share_Pneumonia"] == ""
+    assert table[0]["border_share_Covid-19"] == ""  # no explanations in its metrics
     assert [(r["group_pattern"], r["groups"], r["near_duplicates"]) for r in table] == \
         [(r"^(\d{8})_", "646", "3"), ("", "6", "0"), ("", "", "")]
 
@@ -115,6 +140,9 @@ def test_summary_table_markdown_and_csv():
     assert "0.800 ± 0.050 (3 folds)" in md
     assert "## Failed\n\n- VGG16_binary_classification: weights for VGG16 unavailable offline" in md
     assert "NOT transfer learning" in md
+    assert "| border share Covid-19 | border share No_findings | border share Pneumonia |" in md
+    assert re.search(r"\| ResNet50_multiclass_classification \|.*\| 0\.81 \| 0\.42 \|  \|", md)
+    assert "- ResNet50_multiclass_classification: WARNING: the evidence for Covid-19 sits mostly" in md
     assert "| 7 | 646 (pattern) | 3 |" in md and "| 6 | 6 (per image) | 0 |" in md
     assert "- split groups: split.group_pattern `^(\\d{8})_` (each group on one side and in one fold): " \
            "ResNet50_binary_classification" in md
@@ -125,7 +153,7 @@ def test_summary_table_markdown_and_csv():
 def test_failed_row_and_summary_files(tmp_path):
     rows = [*_rows()[:1], reports.failed_row("VGG19_binary_classification", "VGG19", "binary", "not run", None)]
     assert rows[1] == {"experiment": "VGG19_binary_classification", "model": "VGG19", "task": "binary",
-                       "status": "not run", "recall": {}, "error": None}
+                       "status": "not run", "recall": {}, "border_share": {}, "error": None}
     reports.write_summary(str(tmp_path), rows)
     assert sorted(os.listdir(tmp_path)) == ["summary.csv", "summary.md", "summary.png"]
     assert "## Not run\n\nThe sweep stopped before these: VGG19_binary_classification" in (tmp_path / "summary.md").read_text()

@@ -61,8 +61,19 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     # Where the wall time went, step by step, in order; the steps add up to (nearly) all of it.
     phases = saved["phase_seconds"]
     assert list(phases) == ["checks", "spark_session", "data_checks", "featurize", "waiting", "split",
-                            "near_duplicates", "fit", "evaluate", "save_model", "reports"]
+                            "near_duplicates", "fit", "evaluate", "save_model", "reports",
+                            "explanations"]
     assert sum(phases.values()) == pytest.approx(saved["wall_seconds"], abs=0.5)
+
+    # Class activation maps of the test images: the gallery and, per true class, where the evidence lies
+    # (the 2 test images of each class are the sample and the gallery's correct ones).
+    explanations = saved["explanations"]
+    assert {c: v["images"] for c, v in explanations["per_class"].items()} == {c: 2 for c in saved["classes"]}
+    assert all(0 <= v["border_share"] <= 1 and 0 < v["peak_x"] < 1 for v in explanations["per_class"].values())
+    assert explanations["gallery_images"] == 6  # up to 3 correct a class and 6 misclassified: all 6 test images
+    assert explanations["sample_per_class"] == 16 and explanations["border_area_share"] == 0.51
+    with Image.open(tmp_path / "results" / exp.name / "cam_gallery.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
 
     # The saved PipelineModel, applied to the test split's image files, reproduces the accuracy.
     model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))

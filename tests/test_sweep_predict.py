@@ -1,4 +1,5 @@
-"""Sweep, cross-validation, reproducibility and prediction, end to end on tiny generated images.
+"""Sweep, cross-validation, reproducibility, prediction and explanation, end to end on tiny
+generated images.
 
 One sweep (two ResNet50 experiments with random weights and a broken one) is run per module and
 shared by the tests; the feature cache makes every later run cheap.
@@ -14,6 +15,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
@@ -21,6 +23,7 @@ from xray import progress
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
+from xray.explain import run_explain
 from xray.predict import run_predict
 from xray.run import run_experiment
 from xray.sweep import run_sweep
@@ -90,7 +93,10 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
         assert float(r["recall_Covid-19"]) == pytest.approx(m["per_class"]["Covid-19"]["recall"])
         assert float(r["images_per_second"]) > 0
         assert sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith(".")) == [
-            "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model", "roc.png"]
+            "cam_gallery.png", "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model",
+            "roc.png"]
+        shares = m["explanations"]["per_class"]
+        assert [float(r[f"border_share_{c}"]) for c in shares] == pytest.approx([v["border_share"] for v in shares.values()])
     assert rows[0]["recall_Pneumonia"] == "" and rows[1]["recall_Pneumonia"] != ""
     assert "lacks class folder(s) Missing" in rows[2]["error"]
 
@@ -226,3 +232,59 @@ def test_predict_any_name_in_folders_with_glob_characters(swept, tmp_path, capsy
     for name in ("_lead.png", "x[1].png"):
         assert rows[str(images / name)]["predicted_class"] in ("Covid-19", "No_findings") and not rows[str(images / name)]["error"]
     assert "empty file (0 bytes)" in capsys.readouterr().out
+
+
+def test_explain_writes_maps_overlays_and_a_table(spark, swept, tmp_path, capsys):
+    new = tmp_path / "new"
+    shutil.copytree(swept["raw"], new)  # Covid-19/img1.jpg and Covid-19/img0.png ... in every class folder
+    (new / "Covid-19" / "img0.jpg").write_bytes((new / "Covid-19" / "img1.jpg").read_bytes())  # img0: png and jpg
+    (new / "No_findings" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "maps"
+    code = run_explain(swept["config"], MULTI, str(new), str(out), None, swept["overrides"], log=print)
+    printed = capsys.readouterr().out
+    assert code == 1 and re.search(r"broken\.png\tERROR\t\S", printed)
+
+    rows = list(csv.DictReader(open(out / "explanations.csv", encoding="utf-8")))
+    assert len(rows) == 20 and [r["path"] for r in rows if r["error"]] == [str(new / "No_findings" / "broken.png")]
+    good = [r for r in rows if not r["error"]]
+    names = {r["cam_npy"] for r in good}
+    assert len(names) == 19  # same stems in one folder and across folders: no output written twice
+    assert {"Covid-19/img0_png.cam.npy", "Covid-19/img0_jpg.cam.npy", "No_findings/img0.cam.npy"} <= names
+    for r in good:
+        cam = np.load(out / r["cam_npy"])
+        assert cam.shape == (64, 64) and cam.dtype == np.float32  # the normalised image's height x width
+        with Image.open(out / r["cam_png"]) as im:
+            im.verify()
+        assert r["map_class"] == r["predicted_class"] and 0 <= float(r["border_share"]) <= 1
+        # The peak in the table is where the saved map peaks (its cell's centre).
+        row, col = np.unravel_index(cam.argmax(), cam.shape)
+        assert abs((col + 0.5) / 64 - float(r["peak_x"])) <= 1 / 7 and abs((row + 0.5) / 64 - float(r["peak_y"])) <= 1 / 7
+    line = next(x for x in printed.splitlines() if x.startswith(good[0]["path"] + "\t"))
+    assert f"map of {good[0]['map_class']}: peak x=" in line and line.endswith(good[0]["cam_png"])
+
+
+def test_explain_another_class_into_the_default_folder_and_refusals(spark, swept, tmp_path, capsys):
+    model_dir = swept["root"] / "results" / BINARY / "model"
+    image = os.path.join(swept["raw"], "No_findings", "img3.png")
+    lines = []
+    assert run_explain(swept["config"], str(model_dir), image, None, "Covid-19", swept["overrides"], log=lines.append) == 0
+    default = model_dir.parent / "explanations"
+    assert any(str(default) in line for line in lines)  # the output folder is stated
+    rows = list(csv.DictReader(open(default / "explanations.csv", encoding="utf-8")))
+    assert [(r["path"], r["map_class"], r["cam_npy"]) for r in rows] == [(image, "Covid-19", "img3.cam.npy")]
+    by_class = {}
+    for name in ("Covid-19", "No_findings"):
+        run_explain(swept["config"], str(model_dir), image, str(tmp_path / name), name, swept["overrides"], log=lines.append)
+        by_class[name] = np.load(tmp_path / name / "img3.cam.npy")
+    np.testing.assert_allclose(by_class["Covid-19"], -by_class["No_findings"], atol=1e-5)  # binomial: [-m, m]
+    with pytest.raises(ConfigError, match="--class 'Lungs' is not a class of the model: expected one of Covid-19, No_findings"):
+        run_explain(swept["config"], str(model_dir), image, None, "Lungs", swept["overrides"])
+
+    model = PipelineModel.load(str(model_dir))
+    featurizer = model.stages[1]
+    PipelineModel([model.stages[0], featurizer.copy({featurizer.pooling: "max"}), *model.stages[2:]]).save(
+        str(tmp_path / "max" / "model"))
+    code = main(["--config", os.path.join(ROOT, "config.yaml"), "explain", str(tmp_path / "max"), image,
+                 *(arg for o in swept["overrides"] for arg in ("--set", o))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "need pooling=avg" in err and "refit the model with pooling=avg" in err

@@ -11,7 +11,9 @@ How an image becomes a feature vector, in order:
    ``preprocess_input``, the frozen backbone without its top, global ``pooling``; built once per
    Python worker and kept for every later batch and task of that worker
    (:func:`imagefeaturizer.runtime.get_extractor`);
-4. returned as a Spark ML ``DenseVector`` column that LogisticRegression takes directly.
+4. returned as a Spark ML ``DenseVector`` column that LogisticRegression takes directly; with
+   ``mapsCol`` set, also the last spatial feature maps the features were pooled from (same
+   forward pass), which :mod:`imagefeaturizer.cam` turns into class activation maps.
 
 This file holds the Transformer: its Params and the plan of the pandas UDF. What runs inside the
 Python workers is in :mod:`imagefeaturizer.runtime`; what the driver ships to them (weights, this
@@ -49,7 +51,9 @@ class KerasImageFeaturizer(
     image struct (``spark.read.format("image")``'s ``image``). ``outputCol`` gets a
     ``DenseVector`` of the backbone's pooled features (2048 or 512 values, never the flattened
     131k-dim maps). ``handleInvalid`` (pyspark's shared Param): ``error`` fails naming the image
-    (``originCol``) and the reason, ``skip`` drops the row.
+    (``originCol``) and the reason, ``skip`` drops the row. ``mapsCol`` (optional, "" = none):
+    also an ``array<float>`` column of the last spatial feature maps, flattened in (height, width,
+    channels) order; their shape is ``featurizer.backbone.map_shape``.
 
     >>> KerasImageFeaturizer(inputCol="content", outputCol="features", modelName="ResNet50")
     """
@@ -93,6 +97,14 @@ class KerasImageFeaturizer(
         "decoding (> 0)",
         typeConverter=TypeConverters.toInt,
     )
+    mapsCol = Param(
+        Params._dummy(),
+        "mapsCol",
+        "when not empty: also output the last spatial feature maps (before pooling, same forward "
+        "pass) into this column, an array<float> of height*width*channels values in (height, "
+        "width, channels) order (backbone.map_shape)",
+        typeConverter=TypeConverters.toString,
+    )
 
     @keyword_only
     def __init__(
@@ -107,6 +119,7 @@ class KerasImageFeaturizer(
         handleInvalid: str = "error",
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
+        mapsCol: str = "",
     ):
         super().__init__()
         self._setDefault(
@@ -119,6 +132,7 @@ class KerasImageFeaturizer(
             handleInvalid="error",
             originCol="path",
             maxImagePixels=DEFAULT_MAX_PIXELS,
+            mapsCol="",
         )
         self.setParams(**self._input_kwargs)
 
@@ -135,6 +149,7 @@ class KerasImageFeaturizer(
         handleInvalid: str = "error",
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
+        mapsCol: str = "",
     ) -> "KerasImageFeaturizer":
         kwargs = self._input_kwargs
         self._set(**kwargs)
@@ -153,6 +168,8 @@ class KerasImageFeaturizer(
             raise ValueError(f"batchSize must be > 0, got {self.getBatchSize()}")
         if self.getMaxImagePixels() < 1:
             raise ValueError(f"maxImagePixels must be > 0, got {self.getMaxImagePixels()}")
+        if self.getMapsCol() and self.getMapsCol() in (self.getOutputCol(), self.getInputCol()):
+            raise ValueError(f"mapsCol {self.getMapsCol()!r} must differ from inputCol and outputCol")
 
     def setModelName(self, value: str) -> "KerasImageFeaturizer":
         return self.setParams(modelName=value)
@@ -192,6 +209,12 @@ class KerasImageFeaturizer(
 
     def getMaxImagePixels(self) -> int:
         return self.getOrDefault(self.maxImagePixels)
+
+    def setMapsCol(self, value: str) -> "KerasImageFeaturizer":
+        return self.setParams(mapsCol=value)
+
+    def getMapsCol(self) -> str:
+        return self.getOrDefault(self.mapsCol)
 
     def setInputCol(self, value: str) -> "KerasImageFeaturizer":
         return self._set(inputCol=value)
@@ -260,6 +283,7 @@ class KerasImageFeaturizer(
             batch_size=self.getBatchSize(),
             handle_invalid=self.getHandleInvalid(),
             max_pixels=self.getMaxImagePixels(),
+            with_maps=bool(self.getMapsCol()),
         )
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
@@ -267,13 +291,23 @@ class KerasImageFeaturizer(
         self._check_input(dataset)
         shipping.ensure_package(dataset.sparkSession)  # when workers may not import this package
         task = self._task(dataset)
+        features = T.ArrayType(T.FloatType())
+        returns = T.StructType([T.StructField("features", features), T.StructField("maps", features)])
 
-        @F.pandas_udf(T.ArrayType(T.FloatType()))
+        @F.pandas_udf(returns if task.with_maps else features)
         def featurize(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
             yield from runtime.featurize_batches(task, batches)
 
-        out_col = self.getOutputCol()
-        result = dataset.withColumn(out_col, featurize(F.col(self.getInputCol()), self._origin_column(dataset)))
+        # Nondeterministic for the optimizer: else it pushes skip's null filter below the UDF's
+        # projection with a copy of the call, and every image is featurized twice.
+        featurize = featurize.asNondeterministic()
+
+        out_col, maps_col = self.getOutputCol(), self.getMapsCol()
+        udf_col = f"__{out_col}_and_maps" if task.with_maps else out_col  # one UDF call, two columns
+        result = dataset.withColumn(udf_col, featurize(F.col(self.getInputCol()), self._origin_column(dataset)))
+        if task.with_maps:
+            result = result.withColumns({out_col: F.col(f"{udf_col}.features"), maps_col: F.col(f"{udf_col}.maps")})
+            result = result.drop(udf_col)
         if task.handle_invalid == "skip":
             result = result.filter(F.col(out_col).isNotNull())
         return result.withColumn(out_col, array_to_vector(F.col(out_col)))

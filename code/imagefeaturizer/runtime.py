@@ -352,36 +352,49 @@ class FeaturizeTask:
     handle_invalid: str = "error"  # or "skip": the invalid image's row gets None
     max_pixels: int = DEFAULT_MAX_PIXELS
     engine: str = DEFAULT_ENGINE
+    with_maps: bool = False  # also return the last feature maps (same forward pass)
 
 
 def featurize_batches(
     task: FeaturizeTask, batches: Iterator[tuple[pd.Series, pd.Series]]
-) -> Iterator[pd.Series]:
-    """Features for each Arrow batch of (images, origins), the UDF's body."""
+) -> Iterator[pd.Series | pd.DataFrame]:
+    """Features (and maps, :attr:`FeaturizeTask.with_maps`) for each Arrow batch of (images,
+    origins), the UDF's body."""
     for images, origins in batches:
         hold_for_tests("featurize")
         yield featurize_series(task, images, origins)
         drop_zip_finders()  # imports of this batch included
 
 
-def featurize_series(task: FeaturizeTask, images: pd.Series | pd.DataFrame, origins: pd.Series) -> pd.Series:
+def featurize_series(
+    task: FeaturizeTask, images: pd.Series | pd.DataFrame, origins: pd.Series
+) -> pd.Series | pd.DataFrame:
     """Features for one Arrow batch; an invalid image raises, or its row is None (``skip``).
 
     ``images`` holds bytes, or is Spark's image struct (one column per field); ``origins`` names
     each image in error messages (null: its row number in the batch). Every image is decoded
     before the extractor is fetched: bad data fails fast, and a batch of only invalid images
-    builds no model.
+    builds no model. With ``task.with_maps`` the result is a frame of ``features`` and ``maps``
+    (each image's last feature maps, flattened in (height, width, channels) order).
     """
     records = images.to_dict("records") if isinstance(images, pd.DataFrame) else list(images)
     arrays, keep = _decode_batch(task, records, origins)
-    result = [None] * len(records)
+    features, maps = [None] * len(records), [None] * len(records)
     if arrays:
         extractor = get_extractor(
             task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine
         )
-        for i, features in zip(keep, extractor.predict(arrays, task.batch_size)):
-            result[i] = features
-    return pd.Series(result, dtype=object)
+        if task.with_maps:
+            rows, grids = extractor.predict_with_maps(arrays, task.batch_size)
+            for i, grid in zip(keep, grids):
+                maps[i] = grid.ravel()
+        else:
+            rows = extractor.predict(arrays, task.batch_size)
+        for i, row in zip(keep, rows):
+            features[i] = row
+    if task.with_maps:
+        return pd.DataFrame({"features": features, "maps": maps})
+    return pd.Series(features, dtype=object)
 
 
 def _decode_batch(task: FeaturizeTask, records: list, origins: pd.Series) -> tuple[list[np.ndarray], list[int]]:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m xray <command>`` (``wrapper.sh`` sets up the environment and calls it).
+"""Command line: ``python -m xray [--config FILE] <command>`` (``wrapper.sh`` sets up the environment and calls it).
 
 Every failure prints one line on stderr (``error: ...``) and exits non-zero: 2 for what the user
 can fix (also when raised inside a Spark worker), 1 for anything else, 130 after Ctrl-C. No
@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("mlflow-ui", help="open the MLflow UI on the tracking store (tracking.uri)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    explain = sub.add_parser("explain", help="class activation maps of new images with a saved model")
+    explain.add_argument("model", help="experiment name (uses results/<experiment>/model) or a saved model folder")
+    explain.add_argument("images", help="an image file or a folder of images")
+    explain.add_argument("--output", help="folder to write into (default: explanations/ beside the model)")
+    explain.add_argument("--class", dest="class_name", metavar="NAME",
+                         help="show this class's map (default: each image's predicted class)")
+    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     cluster = sub.add_parser("cluster", help="start or stop a local Spark standalone cluster")
     cluster.add_argument("action", choices=["start", "stop", "status"])
@@ -131,14 +138,20 @@ def cmd_mlflow_ui(args) -> int:
     return run_ui(exp.settings, exp.base_dir, args.port)
 
 
+def cmd_explain(args) -> int:
+    from .explain import run_explain
+
+    return run_explain(load_config(args.config), args.model, args.images, args.output, args.class_name, args.overrides)
+
+
 def cmd_cluster(args) -> int:
     from .cluster import run_cluster
 
     return run_cluster(args.action, args.workers)
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "cluster": cmd_cluster,
-            "mlflow-ui": cmd_mlflow_ui}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "sweep": cmd_sweep, "predict": cmd_predict, "explain": cmd_explain,
+            "cluster": cmd_cluster, "mlflow-ui": cmd_mlflow_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

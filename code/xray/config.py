@@ -109,6 +109,12 @@ SCHEMA: dict[str, Any] = {
         "tol": _typed(float, minimum=0.0),
         "standardization": _typed(bool),
     },
+    "explain": {  # every run's class activation maps (xray.explain)
+        "sample_per_class": _typed(int, minimum=0),
+        "gallery_per_class": _typed(int, minimum=0),
+        "gallery_misclassified": _typed(int, minimum=0),
+        "border_warning": _typed(float, minimum=0.0, maximum=1.0),
+    },
     "spark": {
         "master": _text,
         "remote": _text,  # optional: a Spark Connect server, sc://host:15002, or local (starts one)

@@ -83,6 +83,7 @@ def format_result(m: dict, results_dir: str) -> str:
         acc = cv["accuracy"]
         lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
                      f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
+    lines += _explanation_lines(m.get("explanations") or {})
     split, near = m.get("split") or {}, m.get("near_duplicates")
     if "groups" in split:
         how = "by split.group_pattern" if split.get("group_pattern") else "one per image"
@@ -94,6 +95,18 @@ def format_result(m: dict, results_dir: str) -> str:
     if m.get("reports"):
         lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
     return "\n".join(lines)
+
+
+def _explanation_lines(e: dict) -> list[str]:
+    """Where the evidence of each class lies (class activation maps), or why there are no maps."""
+    if "skipped" in e:
+        return [f"  class activation maps: none ({e['skipped']})"]
+    if not e.get("per_class"):
+        return []
+    shares = ", ".join(f"{c} {v['border_share']:.2f}" for c, v in e["per_class"].items() if v["border_share"] is not None)
+    lines = [f"  evidence in the outer {e['border']:.0%} of the image (share of positive map mass; even spread "
+             f"{e['border_area_share']:.2f}): {shares} (up to {e['sample_per_class']} test images per class)"]
+    return lines + ([f"  {e['warning']}"] if e.get("warning") else [])
 
 
 # --------------------------------------------------------------------------- a sweep
@@ -114,6 +127,7 @@ def summary_row(name: str, m: dict) -> dict[str, Any]:
         "ci95_high": m["accuracy_ci95"][1],
         "balanced_accuracy": m["balanced_accuracy"],
         "recall": {c: v["recall"] for c, v in m["per_class"].items()},
+        "border_share": {c: v["border_share"] for c, v in ((m.get("explanations") or {}).get("per_class") or {}).items()},
         "auc": auc(m),
         "majority_baseline": max(supports) / sum(supports) if sum(supports) else None,
         "cv_folds": cv.get("folds"),
@@ -131,13 +145,15 @@ def summary_row(name: str, m: dict) -> dict[str, Any]:
         "images_per_second": m["images_per_second"],
         "images_per_second_source": m["images_per_second_source"],
         "data_warning": m.get("data_warning"),
+        "explanations_warning": (m.get("explanations") or {}).get("warning"),
         "error": None,
     }
 
 
 def failed_row(name: str, model: str | None, task: str | None, status: str, reason: str | None) -> dict[str, Any]:
     """The summary row of an experiment that failed (or has not run yet)."""
-    return {"experiment": name, "model": model, "task": task, "status": status, "recall": {}, "error": reason}
+    return {"experiment": name, "model": model, "task": task, "status": status, "recall": {}, "border_share": {},
+            "error": reason}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -153,13 +169,16 @@ def summary_csv(rows: list[dict]) -> str:
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
     columns = ["experiment", "model", "task", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
                *(f"recall_{c}" for c in classes), "auc", "majority_baseline", "cv_folds", "cv_accuracy_mean",
-               "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights", "featurization_seconds", "images_featurized",
-               "images_from_cache", "images_per_second", "images_per_second_source", "error"]
+               "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights",
+               "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
+               "images_per_second_source",
+               *(f"border_share_{c}" for c in classes), "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        flat = {**r, **{f"recall_{c}": v for c, v in r.get("recall", {}).items()}}
+        flat = {**r, **{f"recall_{c}": v for c, v in r.get("recall", {}).items()},
+                **{f"border_share_{c}": v for c, v in (r.get("border_share") or {}).items()}}
         writer.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in columns})
     return buf.getvalue()
 
@@ -168,12 +187,15 @@ def summary_markdown(rows: list[dict]) -> str:
     """The human summary: one table row per experiment, then failures and notes."""
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
     head = ["experiment", "model", "task", "accuracy (95% CI)", *(f"recall {c}" for c in classes), "AUC",
-            "cv accuracy", "test n", "groups", "near-dups", "featurization s", "images/s"]
+            "cv accuracy", "test n", "groups", "near-dups", "featurization s", "images/s",
+            *(f"border share {c}" for c in classes)]
     lines = ["# Sweep summary", "",
              "Test accuracy with its 95% Wilson interval on the held-out split; AUC is binary (positive class: the "
              "first class of the task) or the macro mean of one-vs-rest AUCs; cv accuracy is mean ± std over the "
              "folds of the training split when cv_folds > 1; groups: the split's groups (each on one side); near-dups: "
-             "train-test pairs of near-duplicate images.", "",
+             "train-test pairs of near-duplicate images. Border share: of each class's class activation map, "
+             "the share of positive mass in the outer 15% of the image (mean over a sample of test images of the "
+             "class; evenly spread evidence gives 0.51; high values point to a shortcut at the image border).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
@@ -186,7 +208,8 @@ def summary_markdown(rows: list[dict]) -> str:
                      f"{r['accuracy']:.3f} ({r['ci95_low']:.3f}-{r['ci95_high']:.3f})",
                      *(_fmt(r["recall"].get(c)) for c in classes), _fmt(r["auc"]), cv, str(r["n_test"]),
                      _groups_cell(r), _fmt(r.get("near_duplicates")), f"{r['featurization_seconds']:.1f}",
-                     f"{rate:.1f}" + (" (cached)" if r["images_per_second_source"] == "cache" else "") if rate else ""]
+                     f"{rate:.1f}" + (" (cached)" if r["images_per_second_source"] == "cache" else "") if rate else "",
+                     *(_fmt((r.get("border_share") or {}).get(c), 2) for c in classes)]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     pending = [r for r in rows if r["status"] == "not run"]
@@ -199,11 +222,12 @@ def summary_markdown(rows: list[dict]) -> str:
         notes.append("weights=random: features come from untrained backbones; this is NOT transfer learning.")
     for warning in dict.fromkeys(r["data_warning"] for r in rows if r.get("data_warning")):
         notes.append(warning)
+    notes += [f"{r['experiment']}: {r['explanations_warning']}" for r in rows if r.get("explanations_warning")]
     notes += _split_notes(rows)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "Per experiment: results/<experiment>/metrics.json, confusion_matrix.png, roc.png, "
-              "learning_curve.png, config.json, split.csv, near_duplicates.csv; chart of this table: summary.png.", ""]
+              "learning_curve.png, cam_gallery.png, config.json, split.csv, near_duplicates.csv; chart of this table: summary.png.", ""]
     return "\n".join(lines)
 
 

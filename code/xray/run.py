@@ -32,6 +32,7 @@ from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
 from .download import run_download
 from .errors import DataError, UserError, worker_error_message
+from .explain import explain_test_images
 from .features import FeaturizeStats, featurize_cached, weights_id
 from .resize import damaged_output, ensure_resized, forget_outputs, resized_images, task_data_checks
 from .session import spark_session
@@ -234,6 +235,11 @@ def _fit_and_write(p: Prepared, log) -> tuple[dict, PipelineModel]:
     result["reports"] = {**reports.write_experiment_reports(p.out_dir, result, pred["y_true"], pred["probability"]),
                          **_write_split_reports(p.out_dir, rows, near)}
     phases.mark("reports")
+    result["explanations"] = explain_test_images(split.sparkSession, model, pred, classes, exp.settings,
+                                                 p.out_dir, exp.name, log)
+    if "gallery" in result["explanations"]:
+        result["reports"]["cam_gallery"] = result["explanations"]["gallery"]
+    phases.mark("explanations")
     result["phase_seconds"] = phases.seconds
     result["wall_seconds"] = time.perf_counter() - p.started
     write_json_atomic(os.path.join(p.out_dir, "metrics.json"), result)
