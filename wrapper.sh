@@ -36,7 +36,7 @@ Other:
   help, -h, --help             show this help
 
 Variables: XRAY_USE_VENV=1 forces ./.venv even when conda is available; XRAY_PYTHON picks the
-interpreter that creates ./.venv (default python3, must be >= 3.10); JAVA_HOME is respected.
+interpreter that creates ./.venv (default python3, must be >= 3.11); JAVA_HOME is respected.
 The environment is created on first use of any command, if missing or out of date.
 EOF
 }
@@ -126,9 +126,9 @@ create_or_update_env() {
         fi
     else
         local base_py="${XRAY_PYTHON:-python3}"
-        command -v "$base_py" >/dev/null 2>&1 || die "$base_py not found: install Python >= 3.10 (or set XRAY_PYTHON)"
-        "$base_py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-            || die "$base_py is $("$base_py" -V 2>&1); Python >= 3.10 is required (set XRAY_PYTHON)"
+        command -v "$base_py" >/dev/null 2>&1 || die "$base_py not found: install Python >= 3.11 (or set XRAY_PYTHON)"
+        "$base_py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            || die "$base_py is $("$base_py" -V 2>&1); Python >= 3.11 is required by pyspark 4.3 (set XRAY_PYTHON)"
         if [[ -e "$ENV_DIR" ]] && ! "$ENV_PY" -m pip --version >/dev/null 2>&1; then
             rm -rf "$ENV_DIR" # broken venv (e.g. its base interpreter is gone): start over
         fi
