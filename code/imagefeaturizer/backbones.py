@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -127,6 +128,11 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def keras_version() -> str:
+    """Keras' version, read without importing Keras (seeded random weights depend on it)."""
+    return importlib.metadata.version("keras")
 
 
 def offline_fix_message(backbone: Backbone) -> str:

@@ -7,10 +7,11 @@ How an image becomes a feature vector, in order:
 2. resized to the backbone's input size, exactly as ``keras.utils.load_img(target_size=...,
    interpolation="bilinear")`` does, and stacked into uint8 batches
    (:class:`imagefeaturizer.runtime.FeatureExtractor`);
-3. run by an engine (:mod:`imagefeaturizer.engines`): the backbone's own Keras
+3. run by an engine (``engine``; :mod:`imagefeaturizer.engines`): the backbone's own Keras
    ``preprocess_input``, the frozen backbone without its top, global ``pooling``; built once per
    Python worker and kept for every later batch and task of that worker
-   (:func:`imagefeaturizer.runtime.get_extractor`);
+   (:func:`imagefeaturizer.runtime.get_extractor`); OpenVINO runs the Keras model exported once
+   (:mod:`imagefeaturizer.export`);
 4. returned as a Spark ML ``DenseVector`` column that LogisticRegression takes directly; with
    ``mapsCol`` set, also the last spatial feature maps the features were pooled from (same
    forward pass), which :mod:`imagefeaturizer.cam` turns into class activation maps.
@@ -21,7 +22,6 @@ runs inside the Python workers is in :mod:`imagefeaturizer.runtime`.
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterator, Tuple
 
 import pandas as pd
@@ -35,14 +35,12 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from . import backbones, runtime
+from . import backbones, export, runtime
+from .engines import AUTO, ENGINE_CHOICES
 from .images import DEFAULT_MAX_PIXELS, SPARK_IMAGE_FIELDS
-from .runtime import SHIP_WEIGHTS_CONF
+from .shipping import ship_file, ships_weights
 
 HANDLE_INVALID = ("error", "skip")
-
-# Per SparkContext (dropped with it): weights path -> sha256, for files already hashed and shipped.
-_SHIPPED_WEIGHTS: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 class KerasImageFeaturizer(
@@ -56,7 +54,9 @@ class KerasImageFeaturizer(
     131k-dim maps). ``handleInvalid`` (pyspark's shared Param): ``error`` fails naming the image
     (``originCol``) and the reason, ``skip`` drops the row. ``mapsCol`` (optional, "" = none):
     also an ``array<float>`` column of the last spatial feature maps, flattened in (height, width,
-    channels) order; their shape is ``featurizer.backbone.map_shape``.
+    channels) order; their shape is ``featurizer.backbone.map_shape``. ``engine``: what runs the
+    backbone (``auto``: OpenVINO on CPUs, TensorFlow where TensorFlow sees a GPU; see
+    :meth:`resolveEngine`); features are equal to TensorFlow's within 1e-4 of their largest value.
 
     >>> KerasImageFeaturizer(inputCol="content", outputCol="features", modelName="ResNet50")
     """
@@ -108,6 +108,19 @@ class KerasImageFeaturizer(
         "width, channels) order (backbone.map_shape)",
         typeConverter=TypeConverters.toString,
     )
+    engine = Param(
+        Params._dummy(),
+        "engine",
+        f"what runs the backbone: one of {', '.join(ENGINE_CHOICES)} ('auto': OpenVINO on CPUs, "
+        f"TensorFlow where TensorFlow sees a GPU)",
+        typeConverter=TypeConverters.toString,
+    )
+    modelCacheDir = Param(
+        Params._dummy(),
+        "modelCacheDir",
+        f"folder of the exported models ('': ${export.MODEL_CACHE_ENV}, else ~/.cache/imagefeaturizer/models)",
+        typeConverter=TypeConverters.toString,
+    )
 
     @keyword_only
     def __init__(
@@ -123,6 +136,8 @@ class KerasImageFeaturizer(
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
         mapsCol: str = "",
+        engine: str = AUTO,
+        modelCacheDir: str = "",
     ):
         super().__init__()
         self._setDefault(
@@ -136,6 +151,8 @@ class KerasImageFeaturizer(
             originCol="path",
             maxImagePixels=DEFAULT_MAX_PIXELS,
             mapsCol="",
+            engine=AUTO,
+            modelCacheDir="",
         )
         self.setParams(**self._input_kwargs)
 
@@ -153,6 +170,8 @@ class KerasImageFeaturizer(
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
         mapsCol: str = "",
+        engine: str = AUTO,
+        modelCacheDir: str = "",
     ) -> "KerasImageFeaturizer":
         kwargs = self._input_kwargs
         self._set(**kwargs)
@@ -167,6 +186,8 @@ class KerasImageFeaturizer(
                 f"unknown handleInvalid {self.getHandleInvalid()!r}: expected one of "
                 f"{', '.join(HANDLE_INVALID)}"
             )
+        if self.getEngine() not in ENGINE_CHOICES:
+            raise ValueError(f"unknown engine {self.getEngine()!r}: expected one of {', '.join(ENGINE_CHOICES)}")
         if self.getBatchSize() < 1:
             raise ValueError(f"batchSize must be > 0, got {self.getBatchSize()}")
         if self.getMaxImagePixels() < 1:
@@ -219,6 +240,18 @@ class KerasImageFeaturizer(
     def getMapsCol(self) -> str:
         return self.getOrDefault(self.mapsCol)
 
+    def setEngine(self, value: str) -> "KerasImageFeaturizer":
+        return self.setParams(engine=value)
+
+    def getEngine(self) -> str:
+        return self.getOrDefault(self.engine)
+
+    def setModelCacheDir(self, value: str) -> "KerasImageFeaturizer":
+        return self.setParams(modelCacheDir=value)
+
+    def getModelCacheDir(self) -> str:
+        return self.getOrDefault(self.modelCacheDir)
+
     def setInputCol(self, value: str) -> "KerasImageFeaturizer":
         return self._set(inputCol=value)
 
@@ -232,22 +265,21 @@ class KerasImageFeaturizer(
     def _resolved_weights(self, spark) -> tuple[str | None, str | None]:
         """(path, sha256) of the weights on the driver, computed once per SparkContext.
 
-        Off local mode the file is also shipped to every executor (``SparkContext.addFile``; each
-        executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights``
-        is ``false`` because the path is on storage every node reads. Executors check the sha256
-        (:func:`imagefeaturizer.runtime.local_weights`).
-        """
+        Off local mode the file is also shipped to every executor (``SparkContext.addFile``), unless
+        the Spark setting ``spark.imagefeaturizer.shipWeights`` is ``false`` because the path is on
+        storage every node reads. Executors check the sha256 (:mod:`imagefeaturizer.shipping`)."""
         path = backbones.resolve_weights(self.backbone, self.getWeights())
         if path is None:
             return None, None
-        sc = spark.sparkContext
-        shipped = _SHIPPED_WEIGHTS.setdefault(sc, {})
-        if path not in shipped:
-            shipped[path] = backbones.file_sha256(path)
-            ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
-            if ship and not sc.master.startswith("local"):
-                sc.addFile(path)
-        return path, shipped[path]
+        return path, ship_file(spark.sparkContext, path, ships_weights(spark.sparkContext))
+
+    def resolveEngine(self, spark, log=None) -> export.EnginePlan:
+        """Which engine runs, decided on the driver once per SparkContext (``auto`` resolved, the
+        model exported into ``modelCacheDir`` if missing, or ``auto``'s fallback to TensorFlow,
+        said in ``log``); an engine named that cannot run raises ``EngineError`` naming the fix."""
+        weights_path, weights_sha = self._resolved_weights(spark)
+        return export.plan_for_context(spark.sparkContext, self.getEngine(), self.getModelName(), weights_path,
+                                       weights_sha, export.cache_dir(self.getModelCacheDir()), log)
 
     def _origin_column(self, dataset: DataFrame) -> Column:
         """What names each image in error messages: ``originCol``, else the struct's origin."""
@@ -277,6 +309,7 @@ class KerasImageFeaturizer(
     def _task(self, dataset: DataFrame) -> runtime.FeaturizeTask:
         """The plain values a worker featurizes with (the weights resolved on the driver)."""
         weights_path, weights_sha = self._resolved_weights(dataset.sparkSession)
+        plan = self.resolveEngine(dataset.sparkSession)
         return runtime.FeaturizeTask(
             model_name=self.getModelName(),
             weights_path=weights_path,
@@ -286,6 +319,8 @@ class KerasImageFeaturizer(
             handle_invalid=self.getHandleInvalid(),
             max_pixels=self.getMaxImagePixels(),
             with_maps=bool(self.getMapsCol()),
+            engine=plan.engine,
+            model_files=plan.shipped_files(dataset.sparkSession.sparkContext),
         )
 
     def _transform(self, dataset: DataFrame) -> DataFrame:

@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - turn known errors from Spark workers into one line
         from imagefeaturizer.backbones import WeightsError
+        from imagefeaturizer.export import EngineError
 
-        if isinstance(exc, WeightsError):
+        if isinstance(exc, (WeightsError, EngineError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         message = worker_error_message(exc)

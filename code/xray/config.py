@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from imagefeaturizer.backbones import BACKBONES, POOLINGS
+from imagefeaturizer.engines import ENGINE_CHOICES
 
 from .errors import ConfigError
 
@@ -70,6 +71,8 @@ SCHEMA: dict[str, Any] = {
     "cv_folds": _typed(int, minimum=0, maximum=20),
     "results_dir": _text,
     "cache_dir": _text,
+    "engine": _choice(*ENGINE_CHOICES),
+    "model_cache_dir": _text,
     "dataset": {
         "raw_dir": _text,
         "resized_dir": _text,
@@ -144,6 +147,10 @@ class Experiment:
     @property
     def cache_dir(self) -> str:
         return self.path(self.settings["cache_dir"])
+
+    @property
+    def model_cache_dir(self) -> str:
+        return self.path(self.settings.get("model_cache_dir", "cache/models"))
 
     @property
     def weights(self) -> str:

@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -61,6 +61,7 @@ class Prepared:
     invalid_raw: dict
     phases: Phases
     started: float
+    engine: dict = field(default_factory=dict)  # which engine featurized (EnginePlan.as_dict)
 
 
 def run_experiment(exp: Experiment, log=print, also_classes: list[str] | tuple[str, ...] = ()) -> dict:
@@ -92,12 +93,13 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     audit, cue_warning, invalid_raw = task_data_checks(exp, log)  # handleInvalid=error stops here
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
+    engine = experiment.prepare_engine(spark, featurizer, log).as_dict()  # exports the model once
     extra = _extra_classes(exp, also_classes)
     images = load_images(spark, exp.resized_dir, [*exp.classes, *extra])
     feats, fstats = featurize_cached(spark, images, featurizer, exp.cache_dir, log=log,
                                      keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
-    return Prepared(exp, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
+    return Prepared(exp, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started, engine)
 
 
 def _check_before_spark(exp: Experiment, log) -> None:
@@ -207,6 +209,7 @@ def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int
         "images_from_cache": fstats.from_cache,
         "images_per_second": fstats.images_per_second,
         "images_per_second_source": fstats.rate_source,
+        "engine": p.engine,
         "lr_iterations": int(lr_model.summary.totalIterations) if lr_model.hasSummary else None,
         "lr_objective_history": [float(v) for v in lr_model.summary.objectiveHistory] if lr_model.hasSummary else [],
         "data_audit": p.audit,
