@@ -25,8 +25,8 @@ from pyspark.sql import functions as F
 from imagefeaturizer import KerasImageFeaturizer
 
 
-@F.pandas_udf("string")
 def probe(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+    """Per worker: TensorFlow, Keras, OpenVINO imported? The settings of its OpenVINO models."""
     from imagefeaturizer import runtime
 
     ov = [e.engine for e in runtime._EXTRACTORS.values() if e.engine.name == "openvino"]
@@ -54,7 +54,7 @@ def main(images: str, out: str, engine: str, model: str) -> int:
     featurizer = KerasImageFeaturizer(modelName=model, weights="random", batchSize=2, engine=engine, mapsCol="maps")
     plan = featurizer.resolveEngine(spark)
     rows = featurizer.transform(df).select("path", "features", "maps").collect()
-    probes = spark.range(0, 8, numPartitions=4).select(probe("id")).distinct().collect()
+    probes = spark.range(0, 8, numPartitions=4).select(F.pandas_udf(probe, "string")("id")).distinct().collect()
     result = {
         "plan": plan.as_dict(),
         "partitions": df.rdd.getNumPartitions(),

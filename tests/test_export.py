@@ -1,6 +1,7 @@
 """Exported models: the cache (key, reuse, damage, concurrency, failures), the engine plan (auto,
 fallback, errors), thread settings per engine, and the OpenVINO engine's features against
-TensorFlow's for every backbone (slow: one export per backbone, shared through the model cache)."""
+TensorFlow's for every backbone (slow: each backbone exported in this process from the TensorFlow
+engine's own model, two images; one real child-process export)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import MODEL_CACHE, xray_like
+from conftest import xray_like
 from imagefeaturizer import backbones, engines, export, runtime
 from imagefeaturizer.engines import OpenVinoEngine, TensorFlowEngine, ThreadSettings, create_engine
 from imagefeaturizer.export import EngineError, ExportError, exported_model, plan_engine
@@ -222,47 +223,41 @@ def test_thread_settings_per_engine(monkeypatch):
 # The real export and OpenVINO's features (slow)
 # ---------------------------------------------------------------------------------------------
 def _images(size: int) -> np.ndarray:
-    """Two X-ray-like images and two of noise, at the backbone's input size."""
-    smooth = [np.asarray(xray_like(k, seed=k, size=(90, 80), mode="RGB").resize((size, size))) for k in range(2)]
-    noise = np.random.default_rng(7).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-    return np.concatenate([np.stack(smooth), noise]).astype(np.uint8)
-
-
-@pytest.fixture(scope="session")
-def openvino_exports():
-    """Each backbone exported once per test session at most (the model cache keeps them)."""
-    made: dict[str, export.ExportedModel] = {}
-
-    def get(name: str) -> export.ExportedModel:
-        if name not in made:
-            made[name] = exported_model(name, None, None, "openvino", MODEL_CACHE)
-        return made[name]
-
-    return get
+    """One X-ray-like image and one of noise, at the backbone's input size (the export's only size)."""
+    smooth = np.asarray(xray_like(0, seed=0, size=(90, 80), mode="RGB").resize((size, size)))
+    noise = np.random.default_rng(7).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return np.stack([smooth, noise]).astype(np.uint8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(backbones.BACKBONES))
-def test_openvino_features_and_maps_equal_tensorflows(name, openvino_exports):
-    model = openvino_exports(name)
+def test_openvino_features_and_maps_equal_tensorflows(name, tmp_path):
+    """The TensorFlow engine's Keras model exported in this process (the graph and conversion a
+    child exporter runs, without its TensorFlow import and second model build: the child process
+    is checked once below), then OpenVINO's avg features and maps against TensorFlow's."""
     reference = create_engine("tensorflow", name, None, "avg")
+    function = export.serving_function(reference.model, reference.backbone).get_concrete_function()
+    OpenVinoEngine.write_export(function, str(tmp_path), name)
     batch = _images(reference.backbone.input_size)
     avg, maps = reference.run_with_maps(batch)
-    for pooling, expected in (("avg", avg), ("max", maps.max(axis=(1, 2)))):
-        engine = create_engine("openvino", name, model.files[0], pooling, ThreadSettings(1, 1))
-        features, ov_maps = engine.run_with_maps(batch)
-        assert close_to(features, expected) <= 1e-4, (name, pooling)
-        assert close_to(ov_maps, maps) <= 1e-4, name
-        np.testing.assert_array_equal(engine.run(batch), features)
+    engine = create_engine("openvino", name, str(tmp_path / f"{name}.xml"), "avg", ThreadSettings(1, 1))
+    features, ov_maps = engine.run_with_maps(batch)
+    assert close_to(features, avg) <= 1e-4 and close_to(ov_maps, maps) <= 1e-4, name
+    np.testing.assert_array_equal(engine.run(batch), features)
     assert not np.allclose(avg[0], avg[1], rtol=1e-3)  # different images, different features
 
 
 @pytest.mark.slow
 def test_a_fresh_export_runs_in_a_child_process_and_is_reused(tmp_path, monkeypatch):
+    """The real exporter (a child process building the model from the seed) once; its avg and
+    max engines against TensorFlow's features and maps in this process."""
     first = exported_model("VGG16", None, None, "openvino", str(tmp_path))
     assert first.exported_now and first.export_seconds > 0
     monkeypatch.setattr(export, "run_exporter", lambda *a: pytest.fail("the second call must not export"))
     second = exported_model("VGG16", None, None, "openvino", str(tmp_path))
     assert not second.exported_now and second.sha256 == first.sha256
-    engine = create_engine("openvino", "VGG16", second.files[0], "avg")
-    assert engine.run(_images(224)).shape == (4, 512)
+    batch = _images(224)
+    avg, maps = create_engine("tensorflow", "VGG16", None, "avg").run_with_maps(batch)
+    for pooling, expected in (("avg", avg), ("max", maps.max(axis=(1, 2)))):
+        features = create_engine("openvino", "VGG16", second.files[0], pooling).run(batch)
+        assert features.shape == (2, 512) and close_to(features, expected) <= 1e-4, pooling
