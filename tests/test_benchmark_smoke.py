@@ -183,3 +183,41 @@ def test_feature_check_compares_the_featurizer_with_keras_own_model_on_a_weights
     assert [(r["model"], r["pooling"], r["images"]) for r in results] == [("VGG16", "avg", 3), ("VGG16", "max", 3)]
     assert all(r["ok"] and 0 <= r["max_abs_diff_over_max_abs"] <= 1e-4 for r in results)
     assert f"{results[0]['max_abs_diff_over_max_abs']:.2e}" in proc.stdout
+
+
+EXPLAIN_SCRIPT = os.path.join(ROOT, "benchmarks", "explain.py")
+
+
+@pytest.mark.slow
+def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_images(spark, tmp_path):
+    from pyspark.ml import Pipeline, PipelineModel
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import IndexToString, StringIndexer
+    from pyspark.sql import functions as F
+
+    from conftest import make_dataset
+    from imagefeaturizer.featurizer import KerasImageFeaturizer
+
+    raw = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=3)
+    images = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(raw)
+    images = images.withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
+    stages = [StringIndexer(inputCol="label", outputCol="label_index"),
+              KerasImageFeaturizer(modelName="ResNet50", weights="random", batchSize=4),
+              LogisticRegression(labelCol="label_index", maxIter=5)]
+    fitted = Pipeline(stages=stages).fit(images)
+    converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=fitted.stages[0].labels)
+    PipelineModel(fitted.stages + [converter]).save(str(tmp_path / "model"))
+    report_path = tmp_path / "explain.json"
+    proc = subprocess.run([sys.executable, EXPLAIN_SCRIPT, "--model", str(tmp_path / "model"), "--images", raw,
+                           "--limit", "5", "--repeat", "2", "--master", "local[1]", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["images"] == 5
+    runs = report["all_runs_seconds"]
+    assert all(len(runs[k]) == 2 and report["seconds"][k] == min(runs[k]) for k in ("featurize", "predict", "explain"))
+    assert report["ratio_explain_to_predict"] == pytest.approx(report["seconds"]["explain"] / report["seconds"]["predict"])
+    assert f"explain / predict {report['ratio_explain_to_predict']:.2f}" in proc.stdout
+    table = [line.split() for line in proc.stdout.splitlines()]
+    rows = {cells[0]: cells[1] for cells in table if len(cells) == 3 and cells[0] in report["seconds"]}
+    assert rows == {k: f"{v:.1f}" for k, v in report["seconds"].items()}  # the printed table shows the JSON's figures

@@ -315,6 +315,10 @@ def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
     for cls, values in want["per_class"].items():
         assert got["per_class"][cls] == pytest.approx(values, abs=1e-9), cls
     assert got["roc"]["auc"] == pytest.approx(want["roc"]["auc"], abs=1e-6)
+    # The class activation maps of the test images were computed on the executors too.
+    for cls, values in want["explanations"]["per_class"].items():
+        assert got["explanations"]["per_class"][cls] == pytest.approx(values, abs=1e-3), cls
+    assert (out_got / "results" / EXPERIMENT / "cam_gallery.png").is_file()
     got_f, want_f = _features(out_got), _features(out_want)
     assert len(want_f) == want["n_images"] and set(got_f) == set(want_f)
     for sha, vector in want_f.items():

@@ -21,12 +21,12 @@ from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from . import experiment, reports
-from .explain import explain_test_images
 from .atomic import write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
 from .download import run_download
 from .errors import DataError, UserError
+from .explain import explain_test_images
 from .features import FeaturizeStats, featurize_cached, weights_id
 from .resize import ensure_resized, task_data_checks
 from .session import spark_session
