@@ -46,17 +46,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODE = os.path.join(ROOT, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# featurize puts code/ on sys.path (and quiets TensorFlow's C++ log) when imported.
+from featurize import CODE, ROOT, BenchmarkError, _glob_escape, _table, list_images, spark_settings  # noqa: E402
 from imagefeaturizer import backbones  # noqa: E402
 from imagefeaturizer.images import InvalidImageError, decode_to_pil, resize_pil  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from featurize import BenchmarkError, _glob_escape, _table, list_images, spark_settings  # noqa: E402
 
 SIDES = ("keras", "openvino", "spark-tensorflow", "spark-openvino")
 TARGET_KERAS = {"ResNet50": 1.3, "Xception": 1.3, "InceptionV3": 1.3, "VGG16": 1.0, "VGG19": 1.0}

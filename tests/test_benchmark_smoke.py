@@ -132,12 +132,17 @@ def test_sweep_benchmark_user_errors_are_one_line(tmp_path):
 ENGINES_SCRIPT = os.path.join(ROOT, "benchmarks", "engines.py")
 
 
-@pytest.mark.slow
-def test_engines_benchmark_times_every_side_cold_and_warm_on_the_same_images(tmp_path):
+def _three_images(tmp_path, **kwargs):
     data = tmp_path / "imgs"
     data.mkdir()
     for i in range(3):
-        xray_like(i, seed=i, size=(60, 50)).save(data / f"im{i}.png")
+        xray_like(i, seed=i, **kwargs).save(data / f"im{i}.png")
+    return data
+
+
+@pytest.mark.slow
+def test_engines_benchmark_times_every_side_cold_and_warm_on_the_same_images(tmp_path):
+    data = _three_images(tmp_path, size=(60, 50))
     out = tmp_path / "engines.json"
     proc = subprocess.run([sys.executable, ENGINES_SCRIPT, "--data", str(data), "--models", "ResNet50", "--rounds", "2",
                            "--sides", "keras,openvino,spark-openvino", "--batch-size", "2",
@@ -171,10 +176,7 @@ CHECK_SCRIPT = os.path.join(ROOT, "benchmarks", "check_features.py")
 
 @pytest.mark.slow
 def test_feature_check_compares_the_featurizer_with_keras_own_model_on_a_weights_file(tmp_path):
-    data = tmp_path / "imgs"
-    data.mkdir()
-    for i in range(3):
-        xray_like(i, seed=i, size=(70, 60), mode="RGB").save(data / f"im{i}.png")
+    data = _three_images(tmp_path, size=(70, 60), mode="RGB")
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, CHECK_SCRIPT, "--data", str(data), "--models", "VGG16", "--json", str(out),
                            "--master", "local[1]"], capture_output=True, text=True, timeout=900)

@@ -165,7 +165,8 @@ def test_gpu_probe_needs_no_tensorflow_import(monkeypatch):
 
 def test_auto_falls_back_to_tensorflow_saying_why(monkeypatch, tmp_path):
     monkeypatch.setattr(engines, "tensorflow_sees_gpu", lambda: False)
-    monkeypatch.setattr(OpenVinoEngine, "installed", classmethod(lambda cls: False))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: import fails, find_spec is None
+    assert not OpenVinoEngine.installed()
     logs = []
     plan = plan_engine("auto", "VGG16", None, None, str(tmp_path), log=logs.append)
     assert (plan.engine, plan.model) == ("tensorflow", None)
@@ -179,7 +180,7 @@ def test_auto_falls_back_to_tensorflow_saying_why(monkeypatch, tmp_path):
 
 
 def test_an_engine_named_that_cannot_run_is_one_line_naming_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(OpenVinoEngine, "installed", classmethod(lambda cls: False))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: import fails, find_spec is None
     with pytest.raises(EngineError, match=r"needs the openvino package.*pip install openvino.*or set engine=tensorflow"):
         plan_engine("openvino", "VGG16", None, None, str(tmp_path))
     with pytest.raises(ValueError, match="unknown engine 'onnx'"):

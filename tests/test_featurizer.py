@@ -282,7 +282,7 @@ def test_auto_falls_back_to_tensorflow_when_openvino_cannot_run(spark, tmp_path,
     from imagefeaturizer import engines
 
     monkeypatch.setattr(engines, "tensorflow_sees_gpu", lambda: False)  # auto would pick OpenVINO
-    monkeypatch.setattr(engines.OpenVinoEngine, "installed", classmethod(lambda cls: False))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: import fails, find_spec is None
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(2):

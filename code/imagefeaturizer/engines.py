@@ -87,8 +87,8 @@ class Engine(ABC):
 
     @classmethod
     def version(cls) -> str:
-        """The engine's version, read without importing it."""
-        return importlib.metadata.version(cls.module)
+        """The engine's version, read without importing it ("not installed" when it is not)."""
+        return _distribution_version(cls.module)
 
     @classmethod
     def export_files(cls, stem: str) -> tuple[str, ...]:
