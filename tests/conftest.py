@@ -19,6 +19,9 @@ os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.pop("XRAY_CONFIG", None)  # tests name their config files themselves
+# Exported models (engine auto/openvino) go where runs put them, cache/models of the repository
+# (git-ignored), for the library's default too: each backbone is exported once, not once per test.
+MODEL_CACHE = os.environ.setdefault("IMAGEFEATURIZER_MODEL_CACHE", os.path.join(ROOT, "cache", "models"))
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
 

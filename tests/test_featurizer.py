@@ -46,6 +46,10 @@ def test_params_defaults_and_validation():
         KerasImageFeaturizer(handleInvalid="keep")
     with pytest.raises(ValueError, match="batchSize"):
         KerasImageFeaturizer(batchSize=0)
+    assert (f.getEngine(), f.getModelCacheDir()) == ("auto", "")
+    assert f.setEngine("tensorflow").setModelCacheDir("/m").getEngine() == "tensorflow" and f.getModelCacheDir() == "/m"
+    with pytest.raises(ValueError, match="unknown engine 'onnxruntime': expected one of auto, tensorflow, openvino"):
+        KerasImageFeaturizer(engine="onnxruntime")
 
 
 def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
@@ -96,17 +100,20 @@ def test_maps_col_adds_the_feature_maps_of_the_same_pass(spark, tmp_path):
 def test_maps_col_persists_and_older_saves_load_without_it(spark, tmp_path):
     import json
 
-    KerasImageFeaturizer(modelName=MODEL, mapsCol="m").save(str(tmp_path / "with"))
-    assert KerasImageFeaturizer.load(str(tmp_path / "with")).getMapsCol() == "m"
+    KerasImageFeaturizer(modelName=MODEL, mapsCol="m", engine="openvino", modelCacheDir="/m").save(str(tmp_path / "with"))
+    loaded = KerasImageFeaturizer.load(str(tmp_path / "with"))
+    assert (loaded.getMapsCol(), loaded.getEngine(), loaded.getModelCacheDir()) == ("m", "openvino", "/m")
     KerasImageFeaturizer(modelName=MODEL).save(str(tmp_path / "old"))
     (meta,) = (tmp_path / "old" / "metadata").glob("part-*")
     saved = json.loads(meta.read_text())
     for key in ("paramMap", "defaultParamMap"):
-        saved[key].pop("mapsCol", None)  # as saved before mapsCol existed
+        for param in ("mapsCol", "engine", "modelCacheDir"):
+            saved[key].pop(param, None)  # as saved before these Params existed
     meta.write_text(json.dumps(saved))
     for crc in (tmp_path / "old" / "metadata").glob(".*.crc"):
         crc.unlink()  # the checksum of the file as first written
-    assert KerasImageFeaturizer.load(str(tmp_path / "old")).getMapsCol() == ""
+    old = KerasImageFeaturizer.load(str(tmp_path / "old"))
+    assert (old.getMapsCol(), old.getEngine(), old.getModelCacheDir()) == ("", "auto", "")
 
 
 def test_wrong_input_column_type_is_a_clear_error(spark):
@@ -256,3 +263,55 @@ def test_every_backbone_in_spark(spark, tmp_path, name):
     paths = [_strip(r.path) for r in rows]
     expected = extractor.predict([extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths], 4)
     np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_falls_back_to_tensorflow_when_openvino_cannot_run(spark, tmp_path, monkeypatch):
+    from imagefeaturizer import engines
+
+    monkeypatch.setattr(engines, "tensorflow_sees_gpu", lambda: False)  # auto would pick OpenVINO
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: import fails, find_spec is None
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        xray_like(i, seed=i, size=(70, 50), mode="RGB").save(folder / f"im{i}.png")
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", modelCacheDir=str(tmp_path / "models"))
+    logs = []
+    plan = f.resolveEngine(spark, log=logs.append)
+    assert plan.engine == "tensorflow" and "pip install openvino" in plan.fallback
+    assert logs == [f"WARNING: {plan.fallback}"]
+    rows = f.transform(spark.read.format("binaryFile").load(str(folder))).select("path", "features").collect()
+    paths = [_strip(r.path) for r in rows]
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), _local_features(paths), rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / "models").exists()  # nothing was exported
+
+
+@pytest.mark.slow
+def test_openvino_workers_import_no_tensorflow_use_a_thread_per_core_and_match_tensorflow(tmp_path):
+    """A fresh application (the session's workers imported TensorFlow long ago): after featurizing
+    with OpenVINO neither its workers nor its driver have imported TensorFlow or Keras."""
+    import json
+
+    from test_export import close_to
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        xray_like(i % 3, seed=i, size=(90, 70), mode="RGB").save(folder / f"im{i}.png")
+    out = tmp_path / "out.json"
+    job = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "engine_job.py"), str(folder), str(out),
+                          "openvino", MODEL], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert job.returncode == 0, job.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plan"]["engine"] == "openvino" and result["partitions"] == 4
+    workers = [w for w in result["workers"] if w["models"]]  # those that featurized
+    assert workers and all(not w["tensorflow"] and not w["keras"] and w["openvino"] for w in workers)
+    assert not result["driver_imported_tensorflow"]
+    settings = {"INFERENCE_NUM_THREADS": "1", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "False",
+                "INFERENCE_PRECISION_HINT": "<Type: 'float32'>"}  # local[2]: one core a task
+    assert all(model == settings for w in workers for model in w["models"])
+    names = sorted(result["features"])
+    extractor = get_extractor(MODEL, None, "avg")
+    arrays = [extractor.prepare(decode_to_pil((folder / n).read_bytes())) for n in names]
+    features, maps = extractor.predict_with_maps(arrays, batch_size=4)
+    assert close_to(np.array([result["features"][n] for n in names]), features) <= 1e-4
+    assert close_to(np.array([result["maps"][n] for n in names]), maps.reshape(len(names), -1)) <= 1e-4

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import math
 import os
 from dataclasses import dataclass
@@ -204,6 +205,11 @@ def _mismatch(backbone: Backbone, path: str) -> str | None:
     arrays, values, _ = backbone.weights
     return (f"weights file {path!r} does not fit {backbone.name} without its top: it holds {holds}; "
             f"{backbone.name} has {arrays} ({values:,} values)")
+
+
+def keras_version() -> str:
+    """Keras' version, read without importing Keras (seeded random weights depend on it)."""
+    return importlib.metadata.version("keras")
 
 
 def offline_fix_message(backbone: Backbone) -> str:

@@ -7,10 +7,11 @@ How an image becomes a feature vector, in order:
 2. resized to the backbone's input size, exactly as ``keras.utils.load_img(target_size=...,
    interpolation="bilinear")`` does, and stacked into uint8 batches
    (:class:`imagefeaturizer.runtime.FeatureExtractor`);
-3. run by an engine (:mod:`imagefeaturizer.engines`): the backbone's own Keras
+3. run by an engine (``engine``; :mod:`imagefeaturizer.engines`): the backbone's own Keras
    ``preprocess_input``, the frozen backbone without its top, global ``pooling``; built once per
    Python worker and kept for every later batch and task of that worker
-   (:func:`imagefeaturizer.runtime.get_extractor`);
+   (:func:`imagefeaturizer.runtime.get_extractor`); OpenVINO runs the Keras model exported once
+   (:mod:`imagefeaturizer.export`);
 4. returned as a Spark ML ``DenseVector`` column that LogisticRegression takes directly; with
    ``mapsCol`` set, also the last spatial feature maps the features were pooled from (same
    forward pass), which :mod:`imagefeaturizer.cam` turns into class activation maps.
@@ -36,7 +37,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from . import backbones, persistence, runtime, shipping
+from . import backbones, export, persistence, runtime, shipping
+from .engines import AUTO, ENGINE_CHOICES
 from .images import DEFAULT_MAX_PIXELS, SPARK_IMAGE_FIELDS
 
 HANDLE_INVALID = ("error", "skip")
@@ -53,58 +55,49 @@ class KerasImageFeaturizer(
     131k-dim maps). ``handleInvalid`` (pyspark's shared Param): ``error`` fails naming the image
     (``originCol``) and the reason, ``skip`` drops the row. ``mapsCol`` (optional, "" = none):
     also an ``array<float>`` column of the last spatial feature maps, flattened in (height, width,
-    channels) order; their shape is ``featurizer.backbone.map_shape``.
+    channels) order; their shape is ``featurizer.backbone.map_shape``. ``engine``: what runs the
+    backbone (``auto``: OpenVINO on CPUs, TensorFlow where TensorFlow sees a GPU; see
+    :meth:`resolveEngine`); features are equal to TensorFlow's within 1e-4 of their largest value.
 
     >>> KerasImageFeaturizer(inputCol="content", outputCol="features", modelName="ResNet50")
     """
 
     modelName = Param(
-        Params._dummy(),
-        "modelName",
-        f"Keras backbone: one of {', '.join(backbones.BACKBONES)}",
-        typeConverter=TypeConverters.toString,
-    )
+        Params._dummy(), "modelName",
+        f"Keras backbone: one of {', '.join(backbones.BACKBONES)}", typeConverter=TypeConverters.toString)
     weights = Param(
-        Params._dummy(),
-        "weights",
+        Params._dummy(), "weights",
         "'imagenet' (Keras' cache, downloaded when missing), 'random' (seeded, not transfer "
         "learning) or a path to a Keras weights file for the backbone without its top",
-        typeConverter=TypeConverters.toString,
-    )
+        typeConverter=TypeConverters.toString)
     pooling = Param(
-        Params._dummy(),
-        "pooling",
-        "global pooling of the last feature maps: 'avg' or 'max'",
-        typeConverter=TypeConverters.toString,
-    )
+        Params._dummy(), "pooling",
+        "global pooling of the last feature maps: 'avg' or 'max'", typeConverter=TypeConverters.toString)
     batchSize = Param(
-        Params._dummy(),
-        "batchSize",
-        "images per backbone call inside each Python worker (> 0)",
-        typeConverter=TypeConverters.toInt,
-    )
+        Params._dummy(), "batchSize",
+        "images per backbone call inside each Python worker (> 0)", typeConverter=TypeConverters.toInt)
     originCol = Param(
-        Params._dummy(),
-        "originCol",
+        Params._dummy(), "originCol",
         "column naming each image in error messages (binaryFile's 'path'); when the DataFrame "
         "has no such column: the image struct's origin, else the row's place in its batch",
-        typeConverter=TypeConverters.toString,
-    )
+        typeConverter=TypeConverters.toString)
     maxImagePixels = Param(
-        Params._dummy(),
-        "maxImagePixels",
+        Params._dummy(), "maxImagePixels",
         "images whose header claims more pixels (width x height) are invalid, rejected before "
-        "decoding (> 0)",
-        typeConverter=TypeConverters.toInt,
-    )
+        "decoding (> 0)", typeConverter=TypeConverters.toInt)
     mapsCol = Param(
-        Params._dummy(),
-        "mapsCol",
+        Params._dummy(), "mapsCol",
         "when not empty: also output the last spatial feature maps (before pooling, same forward "
         "pass) into this column, an array<float> of height*width*channels values in (height, "
-        "width, channels) order (backbone.map_shape)",
-        typeConverter=TypeConverters.toString,
-    )
+        "width, channels) order (backbone.map_shape)", typeConverter=TypeConverters.toString)
+    engine = Param(
+        Params._dummy(), "engine",
+        f"what runs the backbone: one of {', '.join(ENGINE_CHOICES)} ('auto': OpenVINO on CPUs, "
+        f"TensorFlow where TensorFlow sees a GPU)", typeConverter=TypeConverters.toString)
+    modelCacheDir = Param(
+        Params._dummy(), "modelCacheDir",
+        f"folder of the exported models ('': ${export.MODEL_CACHE_ENV}, else ~/.cache/imagefeaturizer/models)",
+        typeConverter=TypeConverters.toString)
 
     @keyword_only
     def __init__(
@@ -120,6 +113,8 @@ class KerasImageFeaturizer(
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
         mapsCol: str = "",
+        engine: str = AUTO,
+        modelCacheDir: str = "",
     ):
         super().__init__()
         self._setDefault(
@@ -133,6 +128,8 @@ class KerasImageFeaturizer(
             originCol="path",
             maxImagePixels=DEFAULT_MAX_PIXELS,
             mapsCol="",
+            engine=AUTO,
+            modelCacheDir="",
         )
         self.setParams(**self._input_kwargs)
 
@@ -150,6 +147,8 @@ class KerasImageFeaturizer(
         originCol: str = "path",
         maxImagePixels: int = DEFAULT_MAX_PIXELS,
         mapsCol: str = "",
+        engine: str = AUTO,
+        modelCacheDir: str = "",
     ) -> "KerasImageFeaturizer":
         kwargs = self._input_kwargs
         self._set(**kwargs)
@@ -164,6 +163,8 @@ class KerasImageFeaturizer(
                 f"unknown handleInvalid {self.getHandleInvalid()!r}: expected one of "
                 f"{', '.join(HANDLE_INVALID)}"
             )
+        if self.getEngine() not in ENGINE_CHOICES:
+            raise ValueError(f"unknown engine {self.getEngine()!r}: expected one of {', '.join(ENGINE_CHOICES)}")
         if self.getBatchSize() < 1:
             raise ValueError(f"batchSize must be > 0, got {self.getBatchSize()}")
         if self.getMaxImagePixels() < 1:
@@ -216,6 +217,18 @@ class KerasImageFeaturizer(
     def getMapsCol(self) -> str:
         return self.getOrDefault(self.mapsCol)
 
+    def setEngine(self, value: str) -> "KerasImageFeaturizer":
+        return self.setParams(engine=value)
+
+    def getEngine(self) -> str:
+        return self.getOrDefault(self.engine)
+
+    def setModelCacheDir(self, value: str) -> "KerasImageFeaturizer":
+        return self.setParams(modelCacheDir=value)
+
+    def getModelCacheDir(self) -> str:
+        return self.getOrDefault(self.modelCacheDir)
+
     def setInputCol(self, value: str) -> "KerasImageFeaturizer":
         return self._set(inputCol=value)
 
@@ -247,6 +260,14 @@ class KerasImageFeaturizer(
     def read(cls) -> persistence.FeaturizerReader:
         return persistence.FeaturizerReader(cls)
 
+    def resolveEngine(self, spark, log=None) -> export.EnginePlan:
+        """Which engine runs, decided on the driver once per SparkContext (``auto`` resolved, the
+        model exported into ``modelCacheDir`` if missing, or ``auto``'s fallback to TensorFlow,
+        said in ``log``); an engine named that cannot run raises ``EngineError`` naming the fix."""
+        weights_path, weights_sha = self._resolved_weights(spark)
+        return export.plan_for_context(spark, self.getEngine(), self.getModelName(), weights_path,
+                                       weights_sha, export.cache_dir(self.getModelCacheDir()), log)
+
     def _origin_column(self, dataset: DataFrame) -> Column:
         """What names each image in error messages: ``originCol``, else the struct's origin."""
         field = dataset.schema[self.getInputCol()].dataType
@@ -275,6 +296,7 @@ class KerasImageFeaturizer(
     def _task(self, dataset: DataFrame) -> runtime.FeaturizeTask:
         """The plain values a worker featurizes with (the weights resolved on the driver)."""
         weights_path, weights_sha = self._resolved_weights(dataset.sparkSession)
+        plan = self.resolveEngine(dataset.sparkSession)
         return runtime.FeaturizeTask(
             model_name=self.getModelName(),
             weights_path=weights_path,
@@ -284,6 +306,8 @@ class KerasImageFeaturizer(
             handle_invalid=self.getHandleInvalid(),
             max_pixels=self.getMaxImagePixels(),
             with_maps=bool(self.getMapsCol()),
+            engine=plan.engine,
+            model_files=plan.shipped_files(dataset.sparkSession),
         )
 
     def _transform(self, dataset: DataFrame) -> DataFrame:

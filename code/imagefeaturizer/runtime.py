@@ -1,16 +1,17 @@
 """What lives in a Spark Python worker that featurizes: extractors and the process around them.
 
 - :class:`FeatureExtractor`: an engine plus what comes before it (resizing, batching).
-- :func:`get_extractor`: one extractor per (backbone, weights, pooling, engine) per Python process,
-  built on first use, the :data:`MAX_EXTRACTORS` most recently used kept (never captured in a UDF
-  closure).
-- The process set-up done once, before the first model is built: the GPU(s) Spark assigned to the
-  task as the only ones TensorFlow sees (:func:`use_task_gpus`), TensorFlow's threads sized to the
-  task's cores (:func:`configure_threads`), GPU memory growth (:func:`configure_gpus`), and after
-  the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each
-  batch.
-- :func:`local_weights`: the weights file as this machine sees it, checked against the driver's
-  sha256.
+- :func:`get_extractor`: one extractor per (backbone, weights, pooling, engine, exported model) per
+  Python process, built on first use, the :data:`MAX_EXTRACTORS` most recently used kept (never
+  captured in a UDF closure).
+- The process set-up done before a model is built: the GPU(s) Spark assigned to the task as the
+  only ones TensorFlow sees (:func:`use_task_gpus`), the engine's threads sized to the task's cores
+  (:func:`task_threads`; TensorFlow's once per process, :func:`configure_threads`), GPU memory
+  growth (:func:`configure_gpus`), and after the build ``gc.freeze``
+  (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each batch. A worker that runs
+  an exported engine (OpenVINO) imports neither TensorFlow nor Keras.
+- :func:`local_weights` and the exported model's files: as this machine sees them, checked against
+  the driver's sha256 (:func:`local_file`).
 - :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time
   (decode every image, then fetch the extractor and predict).
 
@@ -31,8 +32,10 @@ import numpy as np
 import pandas as pd
 
 from . import backbones
-from .engines import DEFAULT_ENGINE, Engine, create_engine
+from .engines import DEFAULT_ENGINE, Engine, TensorFlowEngine, ThreadSettings, create_engine, engine_class
 from .images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_record, resize_pil
+
+__all__ = ["SHIP_WEIGHTS_CONF", "ThreadSettings"]  # here too for the callers that know them from here
 
 GPU_MIN_BATCH = 128
 """On a GPU, images per backbone call are at least this many (still capped by the Arrow batch)."""
@@ -47,10 +50,10 @@ class FeatureExtractor:
     The engine (:mod:`imagefeaturizer.engines`) runs the network; ``device`` says where.
     """
 
-    def __init__(self, model_name: str, weights_path: str | None, pooling: str = "avg",
-                 engine: str = DEFAULT_ENGINE):
+    def __init__(self, model_name: str, source: str | None, pooling: str = "avg",
+                 engine: str = DEFAULT_ENGINE, threads: ThreadSettings | None = None):
         self.backbone = backbones.get_backbone(model_name)
-        self.engine: Engine = create_engine(engine, self.backbone, weights_path, pooling)
+        self.engine: Engine = create_engine(engine, self.backbone, source, pooling, threads)
 
     @property
     def device(self) -> str:
@@ -108,27 +111,42 @@ def get_extractor(
     pooling: str,
     weights_sha256: str | None = None,
     engine: str = DEFAULT_ENGINE,
+    model_files: tuple[tuple[str, str], ...] = (),
 ) -> FeatureExtractor:
     """The cached extractor for this process, built on first use.
 
-    ``weights_path`` is the driver's path; the file used is :func:`local_weights`'s. Before the
-    first build TensorFlow's threads are set for the Spark task; after a build in a Spark task
-    what exists is frozen (:func:`freeze_in_spark_worker`).
+    ``weights_path`` is the driver's path; the file used is :func:`local_weights`'s. An exported
+    engine opens ``model_files`` instead ((driver path, sha256) of each file of the export, the
+    first the one it opens), each checked like the weights. Before a build the engine's threads
+    are set for the Spark task; after a build in a Spark task what exists is frozen
+    (:func:`freeze_in_spark_worker`).
     """
-    key = (model_name, weights_path, pooling, weights_sha256, engine)
+    key = (model_name, weights_path, pooling, weights_sha256, engine, model_files)
     with _LOCK:
         extractor = _EXTRACTORS.pop(key, None)
         if extractor is None:
-            use_task_gpus()  # before TensorFlow initialises its devices
-            configure_threads()
-            local = local_weights(weights_path, weights_sha256)
-            if len(_EXTRACTORS) >= MAX_EXTRACTORS:
-                _evict_oldest()
-            configure_gpus()  # before the model is built: memory growth must come first
-            extractor = FeatureExtractor(model_name, local, pooling, engine)
-            freeze_in_spark_worker()
+            extractor = _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, model_files)
         _EXTRACTORS[key] = extractor
         return extractor
+
+
+def _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, model_files) -> FeatureExtractor:
+    uses_tensorflow = not engine_class(engine).exported
+    if uses_tensorflow:
+        use_task_gpus()  # before TensorFlow initialises its devices
+        configure_threads()
+        source = local_weights(weights_path, weights_sha256)
+    elif not model_files:
+        raise ValueError(f"the {engine} engine runs an exported model, but no model files were given")
+    else:
+        source = [local_file(path, sha, "exported model file") for path, sha in model_files][0]
+    if len(_EXTRACTORS) >= MAX_EXTRACTORS:
+        _evict_oldest()
+    if uses_tensorflow:
+        configure_gpus()  # before the model is built: memory growth must come first
+    extractor = FeatureExtractor(model_name, source, pooling, engine, task_threads(engine))
+    freeze_in_spark_worker()
+    return extractor
 
 
 def _evict_oldest() -> None:
@@ -138,28 +156,29 @@ def _evict_oldest() -> None:
         _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
     gc.unfreeze()
     gc.collect()
-    import keras
-
-    keras.backend.clear_session(free_memory=True)
+    if "keras" in sys.modules:  # a Keras model may have been dropped (an OpenVINO worker has no Keras)
+        sys.modules["keras"].backend.clear_session(free_memory=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Process set-up
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ThreadSettings:
-    intra_op: int  # threads inside one operation (a convolution)
-    inter_op: int  # operations run at once
-
-
 def thread_settings(task_cpus: int) -> ThreadSettings:
     """TensorFlow threads for a Spark task given ``task_cpus`` cores (``spark.task.cpus``).
 
     In local mode on N cores Spark runs N tasks at once, each in its own Python worker: one
     TensorFlow thread per task core keeps the machine at N busy threads instead of N x N.
     """
-    cpus = max(1, int(task_cpus))
-    return ThreadSettings(intra_op=cpus, inter_op=min(2, cpus))
+    return TensorFlowEngine.thread_settings(task_cpus)
+
+
+def task_threads(engine: str) -> ThreadSettings | None:
+    """The threads of ``engine`` for the current Spark task (one per task core), None outside one
+    (the engine's default: every core)."""
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    return None if task is None else engine_class(engine).thread_settings(task.cpus())
 
 
 _threads_configured = False
@@ -275,24 +294,29 @@ def local_weights(weights_path: str | None, weights_sha256: str | None) -> str |
     name shipped by hand, e.g. ``spark-submit --files``). A missing file or one whose sha256
     differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
     """
-    if weights_path is None:
-        return None
+    return None if weights_path is None else local_file(weights_path, weights_sha256, "weights file")
+
+
+def local_file(driver_path: str, sha256: str | None, what: str) -> str:
+    """A file the driver named (weights, an exported model's file) as this process sees it: the
+    driver's path when readable here, else the shipped copy; checked against the driver's sha256
+    (a :class:`~imagefeaturizer.backbones.WeightsError` naming ``what`` and the fix otherwise)."""
     import socket
 
     host = socket.gethostname()
-    path = weights_path if os.path.isfile(weights_path) else _shipped_copy(weights_path, weights_sha256)
+    path = driver_path if os.path.isfile(driver_path) else _shipped_copy(driver_path, sha256)
     if not os.path.isfile(path):
         raise backbones.WeightsError(
-            f"weights file {weights_path} is not readable on {host} and no copy was shipped: put it "
+            f"{what} {driver_path} is not readable on {host} and no copy was shipped: put it "
             f"on storage every node reads at the same path, or let the driver ship it "
             f"({SHIP_WEIGHTS_CONF} unset or true)"
         )
-    if weights_sha256:
+    if sha256:
         actual = backbones.file_sha256(path)
-        if actual != weights_sha256:
+        if actual != sha256:
             raise backbones.WeightsError(
-                f"weights file {path} on {host} does not match the driver's copy (sha256 {actual[:16]}..., "
-                f"driver {weights_sha256[:16]}...): make every node read the same file, or let the driver "
+                f"{what} {path} on {host} does not match the driver's copy (sha256 {actual[:16]}..., "
+                f"driver {sha256[:16]}...): make every node read the same file, or let the driver "
                 f"ship it"
             )
     return path
@@ -353,6 +377,7 @@ class FeaturizeTask:
     max_pixels: int = DEFAULT_MAX_PIXELS
     engine: str = DEFAULT_ENGINE
     with_maps: bool = False  # also return the last feature maps (same forward pass)
+    model_files: tuple[tuple[str, str], ...] = ()  # an exported engine's files: (driver path, sha256)
 
 
 def featurize_batches(
@@ -381,9 +406,8 @@ def featurize_series(
     arrays, keep = _decode_batch(task, records, origins)
     features, maps = [None] * len(records), [None] * len(records)
     if arrays:
-        extractor = get_extractor(
-            task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine
-        )
+        extractor = get_extractor(task.model_name, task.weights_path, task.pooling, task.weights_sha256,
+                                  task.engine, task.model_files)
         if task.with_maps:
             rows, grids = extractor.predict_with_maps(arrays, task.batch_size)
             for i, grid in zip(keep, grids):

@@ -8,6 +8,7 @@ or classic application, so the library needs no SparkContext and no JVM:
   :func:`imagefeaturizer.runtime.shipped_name` where workers may not read the driver's path: on
   Spark Connect always (the server may be another machine), in classic mode off local mode, unless
   the Spark setting ``spark.imagefeaturizer.shipWeights`` is ``false`` (shared storage).
+- :func:`ship_file`: the same for any file workers need, e.g. an exported model's files.
 - :func:`ensure_package`: a zip of this package, as a Python dependency, where the workers may
   not import it: on Spark Connect always, in classic mode when this package is neither installed
   (site-packages) nor on the workers' ``PYTHONPATH`` (local mode), e.g. loaded from an MLflow
@@ -33,7 +34,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = os.path.basename(PACKAGE_DIR)
 
 _LOCK = threading.Lock()
-_WEIGHTS: dict[tuple, dict[str, str]] = {}  # session key -> {weights path: sha256} hashed (and shipped)
+_FILES: dict[tuple, dict[str, str]] = {}  # session key -> {path: sha256} hashed (and shipped)
 _PACKAGE_SHIPPED: set[tuple] = set()  # session keys whose workers import this package
 _folder: str | None = None  # this process's files to ship (Spark serves them while it runs)
 
@@ -52,18 +53,27 @@ def session_key(spark) -> tuple:
 
 def weights_sha256(spark, path: str) -> str:
     """The sha256 of the weights file ``path`` on the driver, hashed and shipped once per session."""
+    return ship_file(spark, path)
+
+
+def ship_file(spark, path: str, sha256: str | None = None, name: str | None = None) -> str:
+    """The sha256 of ``path`` (hashed unless given), and the file shipped once per session where
+    workers may not read the driver's path, under ``name`` (default :func:`shipped_name`: sha256
+    prefix and file name). Files that must sit side by side (an exported model's graph and
+    weights) keep their own unique names. Workers find it with
+    :func:`imagefeaturizer.runtime.local_file`."""
     key = session_key(spark)
     with _LOCK:
-        known = _WEIGHTS.setdefault(key, {})
+        known = _FILES.setdefault(key, {})
         if path not in known:
-            sha = backbones.file_sha256(path)
-            if _ships_weights(spark):
-                spark.addArtifacts(_named_link(path, shipped_name(path, sha)), file=True)
+            sha = sha256 or backbones.file_sha256(path)
+            if _ships_files(spark):
+                spark.addArtifacts(_named_link(path, name or shipped_name(path, sha)), file=True)
             known[path] = sha
         return known[path]
 
 
-def _ships_weights(spark) -> bool:
+def _ships_files(spark) -> bool:
     if spark.conf.get(SHIP_WEIGHTS_CONF, "true").strip().lower() == "false":
         return False
     return is_connect(spark) or not spark.conf.get("spark.master", "local").startswith("local")

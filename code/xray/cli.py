@@ -18,6 +18,7 @@ import time
 import traceback
 
 from imagefeaturizer.backbones import WeightsError
+from imagefeaturizer.export import EngineError
 
 from . import session
 from .config import load_config, parse_set
@@ -175,7 +176,7 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the details in the log
         if session.interrupted():  # an error while Ctrl-C stopped Spark is the interruption's
             return _interrupted(log)
-        if isinstance(exc, (UserError, WeightsError)):  # found here, before or without Spark: no details
+        if isinstance(exc, (UserError, WeightsError, EngineError)):  # found here, before or without Spark: no details
             print(f"error: {exc}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)
         return _failed(exc, log)

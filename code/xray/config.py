@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from imagefeaturizer.backbones import BACKBONES, POOLINGS
+from imagefeaturizer.engines import ENGINE_CHOICES
 
 from .errors import ConfigError
 
@@ -93,6 +94,8 @@ SCHEMA: dict[str, Any] = {
     },
     "results_dir": _text,
     "cache_dir": _text,
+    "engine": _choice(*ENGINE_CHOICES),
+    "model_cache_dir": _text,
     "dataset": {
         "raw_dir": _text,
         "resized_dir": _text,
@@ -182,6 +185,10 @@ class Experiment:
     @property
     def near_duplicate_threshold(self) -> float:
         return self.settings.get("split", {}).get("near_duplicate_threshold", NEAR_DUPLICATE_THRESHOLD)
+
+    @property
+    def model_cache_dir(self) -> str:
+        return self.path(self.settings.get("model_cache_dir", "cache/models"))
 
     @property
     def weights(self) -> str:

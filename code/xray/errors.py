@@ -27,7 +27,7 @@ class DataError(UserError):
 
 # Our own error types, as they appear in the last lines of a Python worker's traceback.
 _WORKER_ERROR = re.compile(
-    r"^(?:[\w.]+\.)?(InvalidImageError|WeightsError|WeightsUnavailableError|DataError): (.+)$", re.M
+    r"^(?:[\w.]+\.)?(InvalidImageError|WeightsError|WeightsUnavailableError|EngineError|ExportError|DataError): (.+)$", re.M
 )
 # Any error line of a Python traceback ("module.SomeError: message").
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$", re.M)

@@ -20,12 +20,13 @@ from pyspark.ml.feature import IndexToString, StringIndexer, StringIndexerModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from imagefeaturizer.export import EngineError, EnginePlan
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from .atomic import atomic_folder
 from .config import Experiment
 from .data import LABEL
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluation import auc, classification_metrics, spread
 
 LABEL_INDEX, PREDICTED = "label_index", "predicted_label"
@@ -43,7 +44,20 @@ def make_featurizer(exp: Experiment) -> KerasImageFeaturizer:
         batchSize=exp["batch_size"],
         handleInvalid=exp["handleInvalid"],
         maxImagePixels=exp["max_image_pixels"],
+        engine=exp.settings.get("engine", "auto"),
+        modelCacheDir=exp.model_cache_dir,
     )
+
+
+def prepare_engine(spark, featurizer: KerasImageFeaturizer, log=print) -> EnginePlan:
+    """Which engine runs the featurizer (exporting its model first when needed), said in ``log``;
+    an engine named in the config that cannot run is a one-line :class:`ConfigError`."""
+    try:
+        plan = featurizer.resolveEngine(spark, log=log)
+    except EngineError as exc:
+        raise ConfigError(str(exc)) from None
+    log(plan.describe())
+    return plan
 
 
 def make_classifier(settings: dict, n_classes: int) -> LogisticRegression:

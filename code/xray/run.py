@@ -17,7 +17,7 @@ import importlib.metadata
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyspark.ml import PipelineModel
 from pyspark.sql import DataFrame
@@ -72,6 +72,7 @@ class Prepared:
     invalid_raw: dict
     phases: Phases
     started: float
+    engine: dict = field(default_factory=dict)  # which engine featurized (EnginePlan.as_dict)
 
     @property
     def out_dir(self) -> str:
@@ -123,11 +124,12 @@ def _prepare(exp: Experiment, log, also_classes, staging: StagedFolder, phases: 
     _check_class_sizes(exp, {c: (a["count"] - a["invalid"], a["invalid"]) for c, a in audit.items()})
     phases.mark("data_checks")
     featurizer = experiment.make_featurizer(exp)
+    engine = experiment.prepare_engine(spark, featurizer, log).as_dict()  # exports the model once
     extra = _extra_classes(exp, also_classes)
     images = load_images(spark, resized_images(exp.resized_dir, [*exp.classes, *extra], log))
     feats, fstats = _featurize(spark, images, featurizer, exp, log, keep=list(exp.classes) if extra else None)
     phases.mark("featurize")
-    return Prepared(exp, staging, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
+    return Prepared(exp, staging, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started, engine)
 
 
 def _featurize(spark, images, featurizer, exp: Experiment, log, keep) -> tuple:
@@ -328,6 +330,7 @@ def _result(p: Prepared, classes: list[str], metrics: dict, sizes: dict[str, int
         "images_from_cache": fstats.from_cache,
         "images_per_second": fstats.images_per_second,
         "images_per_second_source": fstats.rate_source,
+        "engine": p.engine,
         "lr_iterations": int(lr_model.summary.totalIterations) if lr_model.hasSummary else None,
         "lr_objective_history": [float(v) for v in lr_model.summary.objectiveHistory] if lr_model.hasSummary else [],
         "data_audit": p.audit,
