@@ -29,16 +29,6 @@ def test_list_prints_every_experiment_from_any_folder():
     assert len([n for n in names if n.endswith("_classification")]) == 10
 
 
-def test_config_before_the_command_reaches_the_cli(tmp_path):
-    other = tmp_path / "other.yaml"
-    other.write_text("experiments:\n  Marker_probe: {model: ResNet50, task: binary}\n")
-    out = wrapper("--config", str(other), "list")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["Marker_probe"]
-    missing = wrapper("--config")
-    assert missing.returncode != 0 and "--config needs a file" in missing.stderr
-
-
 def test_usage_on_bad_command():
     out = wrapper("frobnicate")
     assert out.returncode == 2

@@ -19,6 +19,7 @@ from imagefeaturizer.images import IMAGE_EXTENSIONS, is_image_file
 
 from .errors import DataError
 from .paths import file_uri, local_path
+from .session import default_parallelism
 
 LABEL = "label"  # the column of an image's class (its class folder's name)
 _EXTENSIONS = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -171,8 +172,8 @@ def load_images(spark: SparkSession, files: list[tuple[str, str | None]]) -> Dat
     mode, or storage every node mounts at the same place).
     """
     rows = [(file_uri(path), label) for path, label in files]
-    tasks = max(1, min(len(rows), max(spark.sparkContext.defaultParallelism, -(-len(rows) // FILES_PER_TASK))))
-    listed = spark.createDataFrame(spark.sparkContext.parallelize(rows, tasks), "path string, label string")
+    tasks = max(1, min(len(rows), max(default_parallelism(spark), -(-len(rows) // FILES_PER_TASK))))
+    listed = spark.createDataFrame(rows, "path string, label string").repartition(tasks)  # no RDD: Spark Connect too
     return listed.mapInPandas(_read_files, schema=_IMAGE_COLUMNS)
 
 

@@ -224,7 +224,7 @@ def _maps_of(spark, model, paths: list[str]) -> dict[str, tuple[np.ndarray, np.n
     """Local path -> (the image as the model saw it, its class maps) for image files ``paths``."""
     if not paths:
         return {}
-    images = load_images(spark, [(p, None) for p in paths])
+    images = load_images(spark, [(local_path(p), None) for p in paths])  # paths may be file: URIs (a run's rows)
     rows = class_activation_maps(model, images).select("path", "content", "cams").collect()
     return {local_path(r.path): (np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(r.cams)) for r in rows}
 

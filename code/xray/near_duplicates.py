@@ -30,6 +30,8 @@ from pyspark.ml.stat import Summarizer
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from imagefeaturizer.shipping import is_connect
+
 MAX_LISTED = 100_000  # pairs listed in near_duplicates.csv (all are counted)
 PAIR_SCHEMA = "train_path string, test_index int, similarity double"
 
@@ -127,7 +129,7 @@ def find_near_duplicates(split: DataFrame, threshold: float) -> NearDuplicates:
     if not test_paths:
         return result
     standardise = feature_stats(split)
-    shared = split.sparkSession.sparkContext.broadcast((standardise(test), standardise))
+    shared = _share(split.sparkSession, (standardise(test), standardise))
     del test
     found = _vectors(split.filter(~F.col("is_test"))).mapInPandas(_pair_finder(shared, threshold), PAIR_SCHEMA).cache()
     try:
@@ -136,6 +138,22 @@ def find_near_duplicates(split: DataFrame, threshold: float) -> NearDuplicates:
         found.unpersist()
         shared.unpersist()
     return result
+
+
+class _InClosure:
+    """A value the tasks get inside the function's closure, as a broadcast's ``value``: on Spark
+    Connect, which has no SparkContext and so no broadcast variables."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def unpersist(self) -> None:
+        pass
+
+
+def _share(spark, value):
+    """``value`` for every task: a broadcast in classic mode, else in the closure."""
+    return _InClosure(value) if is_connect(spark) else spark.sparkContext.broadcast(value)
 
 
 def _collect(result: NearDuplicates, found: DataFrame, test_paths: list[str]) -> None:
