@@ -431,7 +431,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         "spark.python.daemon.module": "gate_daemon",
         "spark.executorEnv.PYTHONPATH": GATE_DAEMON_DIR,  # the gate only: the project comes as the zip
         "spark.executorEnv.XRAY_TEST_GATE": str(gate),
-        "spark.sql.files.maxPartitionBytes": "4m",  # one image per featurization task: 16 tasks
+        "spark.default.parallelism": "16",  # images listed in 16 tasks (xray.data.load_images): one per featurization task
     }
     # The resize job on the cluster is covered above; here the local run's resized images serve.
     proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, out_local / "resized", conf)
@@ -453,6 +453,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         f"{_gate_records(gate, 'waiting')}; run output: {got['_stdout'][-3000:]}")
     reruns = [r for r in _gate_records(gate, "done") if r["attempt"] >= 1]
     assert reruns and victim not in {_worker_of(r, cluster_settings) for r in reruns}  # the lost task, elsewhere
-    assert "Lost executor" in got["_stderr"]  # Spark saw the executor go
+    jvm_log = "".join(open(p, encoding="utf-8", errors="replace").read() for p in glob.glob(str(tmp_path / "results" / "logs" / "*.log")))
+    assert "Lost executor" in jvm_log  # Spark saw the executor go (the JVM's output goes to the command's log)
     assert got["images_featurized"] == want["images_featurized"] == want["n_images"]
     _assert_same_results(got, want, tmp_path, out_local)

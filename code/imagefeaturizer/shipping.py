@@ -138,12 +138,13 @@ def package_zip() -> str:
 
 
 def _named_link(path: str, name: str) -> str:
-    """``path`` under the file name ``name`` (a link, else a copy), for shipping."""
+    """``path`` under the file name ``name`` (a hard link, else a copy), for shipping. Not a
+    symbolic link: Spark's ``addFile`` resolves one and ships the file under its target's name."""
     link = os.path.join(_ship_folder(), name)
     if not os.path.lexists(link):
         try:
-            os.symlink(os.path.abspath(path), link)
-        except OSError:
+            os.link(os.path.abspath(path), link)
+        except OSError:  # another file system, or no hard links there
             shutil.copyfile(path, link)
     return link
 

@@ -8,7 +8,7 @@ Used by ``tests/test_cluster.py`` through Spark's own settings, nothing in the p
 - once it has been sent to its Python worker, when a featurization task has already finished,
   writes ``<gate>/waiting/<id>.json`` and waits until the file ``<gate>/open`` exists;
 - when it finishes, writes ``<gate>/done/<id>.json`` (stage, partition, attempt, and whether it
-  featurized: its process has imported ``imagefeaturizer``).
+  featurized: its process has built a featurizer model).
 
 Each file records the task's working folder (its executor's, so its worker's) and pid. Once a
 featurization task is done the job cannot finish until the test opens the gate: a test can kill
@@ -64,7 +64,14 @@ def gated_task(infile, outfile) -> None:
     context = TaskContext._getOrCreate()
     _run_task(infile, outfile)
     _record("done", stage=context.stageId(), partition=context.partitionId(), attempt=context.attemptNumber(),
-            featurized="imagefeaturizer" in sys.modules)
+            featurized=_has_built_a_model())
+
+
+def _has_built_a_model() -> bool:
+    """This worker process holds a featurizer model: it ran a featurization task. (Importing
+    ``imagefeaturizer`` alone says nothing: the app's image loading imports it too.)"""
+    runtime = sys.modules.get("imagefeaturizer.runtime")
+    return bool(getattr(runtime, "_EXTRACTORS", None))
 
 
 # The daemon's forked child looks the task runner up in pyspark.worker when it starts (pyspark
