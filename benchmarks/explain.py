@@ -11,14 +11,17 @@ SparkContext with the project's Spark settings from ``config.yaml``:
    imported TensorFlow and built the model before anything is timed;
 1. **featurize**: the model's featurizer alone (``KerasImageFeaturizer``, forced with a ``noop``
    write) on the N images already normalised (decoded, resized, cached by Spark beforehand);
-2. **predict**: what ``wrapper.sh predict`` does after loading: normalise the files, featurize,
+2. **maps**: the class maps alone on the same cached images (featurizer with its feature maps,
+   classifier, maps; collected to the driver, no file written): the forward pass explain shares
+   with featurization;
+3. **predict**: what ``wrapper.sh predict`` does after loading: normalise the files, featurize,
    classify, collect (:func:`xray.predict.predict_images`);
-3. **explain**: what ``wrapper.sh explain`` does after loading: normalise, featurize with the
+4. **explain**: what ``wrapper.sh explain`` does after loading: normalise, featurize with the
    feature maps, classify, class maps, collect, and write a ``.cam.npy`` and a ``.cam.png`` per
    image (:func:`xray.explain.explain_images`), into a temporary folder removed afterwards.
 
-``--repeat N`` alternates N runs of 1-3 and keeps each one's best. Prints seconds and images/s of
-each and the ratios explain / predict and explain / featurize. ``--json`` writes the figures.
+``--repeat N`` alternates N runs of 1-4 and keeps each one's best. Prints seconds and images/s of
+each and the ratios explain / predict, explain / featurize and maps / featurize. ``--json`` writes the figures.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ if CODE not in sys.path:
     sys.path.insert(0, CODE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from imagefeaturizer.cam import class_activation_maps  # noqa: E402
 from xray.atomic import write_json_atomic  # noqa: E402
 from xray.config import load_config  # noqa: E402
 from xray.errors import UserError  # noqa: E402
@@ -73,6 +77,16 @@ def _featurize(saved) -> float:
     return seconds
 
 
+def _maps(saved) -> float:
+    """The class maps alone (featurizer with feature maps, classifier, maps; collected, no file
+    written) on the normalised images (cached before the clock starts): the forward pass explain
+    shares with featurization."""
+    with saved.normalized(saved.paths) as (good, _):
+        good.count()
+        seconds = _timed(lambda: class_activation_maps(saved.model, good).select("path", "cams").collect())
+    return seconds
+
+
 def measure(args: argparse.Namespace) -> dict:
     config = load_config(os.path.join(ROOT, "config.yaml"))
     saved = open_saved_model(config, args.model, args.images, [f"spark.master={args.master}"], log=lambda *_: None)
@@ -82,10 +96,11 @@ def measure(args: argparse.Namespace) -> dict:
     predict = lambda paths: predict_images(saved.spark, saved.model, paths, size=saved.size, mode=saved.mode,  # noqa: E731
                                            max_pixels=saved.max_pixels, log=quiet)
     predict(saved.paths[:WARM_UP_IMAGES])
-    runs: dict[str, list[float]] = {"featurize": [], "predict": [], "explain": []}
+    runs: dict[str, list[float]] = {"featurize": [], "maps": [], "predict": [], "explain": []}
     names = output_names(saved.paths, args.images)
     for _ in range(max(1, args.repeat)):
         runs["featurize"].append(_featurize(saved))
+        runs["maps"].append(_maps(saved))
         runs["predict"].append(_timed(lambda: predict(saved.paths)))
         out = tempfile.mkdtemp(prefix="explain-bench-")
         try:
@@ -103,6 +118,7 @@ def measure(args: argparse.Namespace) -> dict:
         "images_per_s": {k: n / v if v > 0 else None for k, v in best.items()},
         "ratio_explain_to_predict": best["explain"] / best["predict"],
         "ratio_explain_to_featurize": best["explain"] / best["featurize"],
+        "ratio_maps_to_featurize": best["maps"] / best["featurize"],
     }
 
 
@@ -119,7 +135,8 @@ def main(argv=None) -> int:
     for step, seconds in report["seconds"].items():
         print(f"{step:<10} {seconds:>8.1f} {report['images_per_s'][step]:>9.2f}")
     print(f"explain / predict {report['ratio_explain_to_predict']:.2f}; "
-          f"explain / featurize {report['ratio_explain_to_featurize']:.2f}")
+          f"explain / featurize {report['ratio_explain_to_featurize']:.2f}; "
+          f"maps / featurize {report['ratio_maps_to_featurize']:.2f}")
     if args.json:
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")

@@ -83,6 +83,21 @@ def test_summary_chart(tmp_path):
     assert any(t.startswith("binary: majority-class baseline 0.57") for t in legend)
 
 
+def test_heat_overlay_is_matplotlibs_jet_blend_to_one_grey_level():
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(3)
+    cam = rng.normal(size=(30, 40)).astype(np.float32)
+    for image in ((rng.random((30, 40)) * 255).astype(np.uint8), (rng.random((30, 40, 4)) * 255).astype(np.uint8)):
+        base = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        heat = colormaps["jet"]((cam - cam.min()) / (cam.max() - cam.min()))[..., :3] * 255
+        expected = base * (1 - charts.HEAT_ALPHA) + heat * charts.HEAT_ALPHA
+        got = charts.heat_overlay(image, cam)
+        assert got.shape == (30, 40, 3) and np.abs(got - expected).max() <= 1.0
+    flat = charts.heat_overlay(np.full((4, 4), 200, np.uint8), np.ones((4, 4), np.float32))  # no range: all blue
+    assert (flat == flat[0, 0]).all() and flat[0, 0, 2] > flat[0, 0, 0]
+
+
 def test_cam_overlay_png_and_gallery(tmp_path):
     image = np.tile(np.arange(0, 250, 5, dtype=np.uint8), (40, 1))  # 40 x 50, a grey ramp
     cam = np.zeros((40, 50), np.float32)

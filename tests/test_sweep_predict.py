@@ -19,7 +19,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
-from xray import progress
+from xray import explain, progress
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
@@ -238,7 +238,8 @@ def test_predict_any_name_in_folders_with_glob_characters(swept, tmp_path, capsy
     assert "empty file (0 bytes)" in capsys.readouterr().out
 
 
-def test_explain_writes_maps_overlays_and_a_table(spark, swept, tmp_path, capsys):
+def test_explain_writes_maps_overlays_and_a_table(spark, swept, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(explain, "MIN_CHUNK", 4)  # 20 files: four chunks of 5, written while the next is mapped
     new = tmp_path / "new"
     shutil.copytree(swept["raw"], new)  # Covid-19/img1.jpg and Covid-19/img0.png ... in every class folder
     (new / "Covid-19" / "img0.jpg").write_bytes((new / "Covid-19" / "img1.jpg").read_bytes())  # img0: png and jpg
@@ -247,6 +248,7 @@ def test_explain_writes_maps_overlays_and_a_table(spark, swept, tmp_path, capsys
     code = run_explain(swept["config"], MULTI, str(new), str(out), None, swept["overrides"], log=print)
     printed = capsys.readouterr().out
     assert code == 1 and re.search(r"broken\.png\tERROR\t\S", printed)
+    assert [x for x in printed.splitlines() if x.startswith("explained ")] == [f"explained {n} of 20 images" for n in (5, 10, 15, 20)]
 
     rows = list(csv.DictReader(open(out / "explanations.csv", encoding="utf-8")))
     assert len(rows) == 20 and [r["path"] for r in rows if r["error"]] == [str(new / "No_findings" / "broken.png")]

@@ -24,7 +24,8 @@ import io
 import os
 import time
 from collections import Counter
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,9 @@ from .predict import (
 EXPLANATIONS_CSV = "explanations.csv"
 EXPLANATIONS_DIR = "explanations"  # explain's default output folder, beside the model folder
 CAM_GALLERY = "cam_gallery.png"
-CHUNK = 256  # images explain brings to the driver at a time (their normalised PNGs and maps)
+CHUNK = 256  # at most this many images explain brings to the driver at a time (their normalised PNGs and maps)
+MIN_CHUNK = 32  # at least this many a chunk (each chunk is a Spark job)
+WRITERS = 2  # threads writing .cam.png/.cam.npy files (PNG encoding and numpy release the GIL)
 BORDER_AREA = 1 - (1 - 2 * BORDER) ** 2  # the share of the image the border covers (0.51)
 EXPLAIN_DEFAULTS = {"sample_per_class": 16, "gallery_per_class": 3, "gallery_misclassified": 6, "border_warning": 0.7}
 """The ``explain`` section's values when a config file has none (config.yaml documents them)."""
@@ -115,25 +118,58 @@ def output_names(paths: list[str], images_path: str) -> dict[str, str]:
 
 def explain_images(saved: SavedModel, names: dict[str, str], out_dir: str, class_name: str | None, images_path: str,
                    log: Callable[[str], object] = print) -> pd.DataFrame:
-    """Maps, overlays and one table row per image (``predict``'s columns, then the map's), in
-    chunks of :data:`CHUNK` images, so the driver holds a bounded number of images at a time."""
+    """Maps, overlays and one table row per image (``predict``'s columns, then the map's).
+
+    The images go through Spark in chunks (:func:`chunk_size`), so the driver holds a bounded
+    number of them; while one chunk's files are written (by :data:`WRITERS` threads), Spark
+    already computes the next chunk's maps."""
     found, errors, details = {}, {}, {}
-    for start in range(0, len(saved.paths), CHUNK):
-        with saved.normalized(saved.paths[start:start + CHUNK]) as (good, bad):
+    chunks = [saved.paths[i:i + chunk_size(len(saved.paths))] for i in range(0, len(saved.paths), chunk_size(len(saved.paths)))]
+    done = 0
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="cam-writer") as writers:
+        for rows, bad in _prefetched(lambda paths: _maps_chunk(saved, paths), chunks):
             errors.update(bad)
-            rows = class_activation_maps(saved.model, good).select(
-                "path", "content", "predicted_label", "probability", "cams").collect()
-        for r in rows:
-            key = local_path(r.path)
-            found[key] = (r.predicted_label, r.probability.toArray())
-            title = [display_path(key, images_path)] + _title(saved.classes, r.predicted_label, found[key][1])
-            details[key] = _write_one(r, names[key], out_dir, saved.classes, class_name or r.predicted_label, title)
-        if len(saved.paths) > CHUNK:
-            log(f"explained {min(start + CHUNK, len(saved.paths))} of {len(saved.paths)} images")
+            pending = {}
+            for r in rows:
+                key = local_path(r.path)
+                found[key] = (r.predicted_label, r.probability.toArray())
+                title = [display_path(key, images_path)] + _title(saved.classes, r.predicted_label, found[key][1])
+                shown = class_name or r.predicted_label
+                pending[key] = writers.submit(_write_one, r, names[key], out_dir, saved.classes, shown, title)
+            details.update({key: future.result() for key, future in pending.items()})
+            done += len(rows) + len(bad)
+            if len(chunks) > 1:
+                log(f"explained {done} of {len(saved.paths)} images")
     table = result_table(saved.paths, found, errors, saved.classes)
     for column in _COLUMNS:
         table.insert(len(table.columns) - 1, column, [details.get(os.path.normpath(p), {}).get(column) for p in saved.paths])
     return table
+
+
+def chunk_size(n: int) -> int:
+    """Images a chunk: a quarter of ``n`` (so that writing overlaps the next chunk's maps), at
+    least :data:`MIN_CHUNK` (a Spark job's start costs), at most :data:`CHUNK` (driver memory)."""
+    return max(MIN_CHUNK, min(CHUNK, -(-n // 4)))
+
+
+def _maps_chunk(saved: SavedModel, paths: list[str]) -> tuple[list, dict[str, str]]:
+    """The rows (path, normalised PNG, prediction, class maps) of the files of ``paths`` that
+    normalise, and {path: reason} of those that do not."""
+    with saved.normalized(paths) as (good, bad):
+        rows = class_activation_maps(saved.model, good).select(
+            "path", "content", "predicted_label", "probability", "cams").collect()
+    return rows, bad
+
+
+def _prefetched(compute: Callable, items: list) -> Iterator:
+    """``compute(item)`` for each item in order, the next one computed (in a thread) while the
+    caller works on the current one's result."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam-chunks") as ahead:
+        future = ahead.submit(compute, items[0]) if items else None
+        for following in [*items[1:], None]:
+            result = future.result()
+            future = ahead.submit(compute, following) if following is not None else None
+            yield result
 
 
 def _title(classes: list[str], predicted: str, probability: np.ndarray) -> list[str]:
