@@ -1,10 +1,10 @@
 """Cluster mode: a real Spark standalone cluster (master + two workers) on 127.0.0.1.
 
 The experiment runs as a user runs it (``python -m xray run ... --set spark.master=spark://...``)
-in a subprocess, once in local mode and once on the cluster, and the results must agree; a second
-cluster run loses a worker in the middle of featurization and must still agree. A driver program
-(``featurize_job.py``) featurizes with a weights file that executors can only get as the copy the
-driver ships. The cluster uses free ports and its own folder, so a user's cluster on 7077/8080 is
+in a subprocess, once in local mode and once on the cluster, where it loses a worker in the middle
+of featurization, and the results must agree. A driver program (``featurize_job.py``) featurizes
+on the cluster with a weights file that executors can only get as the copy the driver ships; this
+process' local session gives the features it must match. The cluster uses free ports and its own folder, so a user's cluster on 7077/8080 is
 never touched, and it is always stopped, even when a test fails.
 
 Also: how executors find the weights file (driver path or SparkFiles copy, sha256 checked), and
@@ -341,20 +341,6 @@ def test_cli_start_is_idempotent_and_a_used_port_is_a_clear_error(cluster_settin
     assert len(cluster.alive_workers(cluster.master_state(cluster_settings))) == 2
 
 
-@pytest.mark.slow
-def test_experiment_on_the_cluster_matches_local_mode(cluster_settings, raw_images, local_run, tmp_path):
-    want, out_local = local_run
-    got = _finish(_start_run(raw_images, tmp_path, cluster_settings.master_url), tmp_path)
-    _assert_same_results(got, want, tmp_path, out_local)
-
-    # It really ran on the cluster's executors, which got the project as the zip the driver
-    # shipped (the workers run without PYTHONPATH, so nothing else could have imported it).
-    state = cluster.master_state(cluster_settings)
-    assert any(app["name"] == "xray-featurizer" for app in state["completedapps"])
-    shipped = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", "app-*", "*", "xray_featurizer_code.zip"))
-    assert {p.split(os.sep)[-4] for p in shipped} == {"worker-1", "worker-2"}
-
-
 def _weights_file_unlike_random(path: str) -> None:
     """VGG16 weights without top, saved by Keras, that give other features than ``weights="random"``."""
     model = backbones.build_model("VGG16", None)
@@ -374,7 +360,7 @@ def _featurize_job(master: str, images, cwd, *weights: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster_settings, tmp_path):
+def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(spark, cluster_settings, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
@@ -386,10 +372,11 @@ def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster
     relative = os.path.join("models", f"vgg16-{uuid.uuid4().hex[:8]}.weights.h5")
     _weights_file_unlike_random(str(driver_dir / relative))
 
-    local = _featurize_job("local[2]", images, driver_dir, relative, "random")
+    # Local mode in this process (the file is readable where it is) against the cluster's driver program.
+    local = {w: _local_features(spark, images, w) for w in (str(driver_dir / relative), "random")}
     remote = _featurize_job(cluster_settings.master_url, images, driver_dir, relative)
 
-    from_file, from_random = local["features"][relative], local["features"]["random"]
+    from_file, from_random = local[str(driver_dir / relative)], local["random"]
     assert sorted(from_file) == [f"im{i}.png" for i in range(4)]
     assert not np.allclose(from_file["im0.png"], from_random["im0.png"], rtol=1e-3, atol=1e-3)  # the file was used
     assert set(remote["features"][relative]) == set(from_file)
@@ -403,6 +390,15 @@ def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster
     shipped_as = shipped_name(relative, driver_sha)  # named by its sha256: no clash with another file's name
     copies = [c for c in (os.path.join(e, shipped_as) for e in executors) if os.path.isfile(c)]
     assert copies and {backbones.file_sha256(c) for c in copies} == {driver_sha}
+
+
+def _local_features(spark, images, weights: str) -> dict[str, list[float]]:
+    """File name -> VGG16 features, as ``featurize_job.py`` computes them, in this process' local session."""
+    df = spark.read.format("binaryFile").option("pathGlobFilter", "*.png").load(str(images))
+    featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName="VGG16", weights=weights,
+                                      batchSize=4)
+    rows = featurizer.transform(df).select("path", "features").collect()
+    return {os.path.basename(r.path): r.features.toArray().tolist() for r in rows}
 
 
 def _gate_records(gate, kind: str) -> list[dict]:
@@ -420,7 +416,8 @@ def _worker_of(record: dict, settings: cluster.ClusterSettings) -> str:
 
 @pytest.mark.slow
 def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, raw_images, local_run, tmp_path):
-    """A worker dies while it holds a featurization task, at a point the job itself signals.
+    """The experiment on the cluster (resize job, featurization, fit, explanations) matches local
+    mode, although a worker dies while it holds a featurization task, at a point the job itself signals.
 
     The Python tasks run under ``spark_gate/gate_daemon.py``: once one featurization task has
     finished, every task sent to a Python worker waits for the test's ``open`` file. The test
@@ -436,8 +433,9 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         "spark.executorEnv.XRAY_TEST_GATE": str(gate),
         "spark.default.parallelism": "16",  # images listed in 16 tasks (xray.data.load_images): one per featurization task
     }
-    # The resize job on the cluster is covered above; here the local run's resized images serve.
-    proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, out_local / "resized", conf)
+    # The whole experiment on the cluster, its resize job included (no Python task waits before
+    # a featurization task is done).
+    proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, spark_conf=conf)
     try:
         _wait_until("a featurization task held at the gate", lambda: _gate_records(gate, "waiting"), proc)
         featurizing = glob.glob(str(tmp_path / "cache" / "*" / ".tmp-*"))  # the job's output folder
@@ -460,3 +458,10 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
     assert "Lost executor" in jvm_log  # Spark saw the executor go (the JVM's output goes to the command's log)
     assert got["images_featurized"] == want["images_featurized"] == want["n_images"]
     _assert_same_results(got, want, tmp_path, out_local)
+
+    # It really ran on the cluster's executors, which got the project as the zip the driver
+    # shipped (the workers run without PYTHONPATH, so nothing else could have imported it).
+    state = cluster.master_state(cluster_settings)
+    assert any(app["name"] == "xray-featurizer" for app in state["completedapps"])
+    shipped = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", "app-*", "*", "xray_featurizer_code.zip"))
+    assert {p.split(os.sep)[-4] for p in shipped} == {"worker-1", "worker-2"}
