@@ -107,13 +107,20 @@ def measure(args: argparse.Namespace) -> dict:
             runs["explain"].append(_timed(lambda: explain_images(saved, names, out, None, args.images, quiet)))
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    best = {k: min(v) for k, v in runs.items()}
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
         "settings": {"model": saved.model_dir, "images": n, "master": args.master, "repeat": args.repeat,
                      "image_size": saved.size, "mode": saved.mode},
         "all_runs_seconds": runs,
+        **best_of(runs, n),
+    }
+
+
+def best_of(runs: dict[str, list[float]], n: int) -> dict:
+    """Each step's best (shortest) run of ``n`` images, its images/s, and the ratios of the bests."""
+    best = {k: min(v) for k, v in runs.items()}
+    return {
         "seconds": best,
         "images_per_s": {k: n / v if v > 0 else None for k, v in best.items()},
         "ratio_explain_to_predict": best["explain"] / best["predict"],

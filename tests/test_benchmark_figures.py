@@ -1,0 +1,160 @@
+"""The benchmarks' bookkeeping, in process on made-up measurements: runs alternated between the
+sides, each side's best (or min / median / max) over the runs, the ratios taken from those, and
+the printed tables showing the figures. The real runs, one per script, are in
+tests/test_benchmark_smoke.py (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import engines  # noqa: E402
+import explain  # noqa: E402
+import featurize  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _cells(stdout: str, first: str) -> list[list[str]]:
+    """The printed table rows whose first cell is ``first``, split at runs of spaces."""
+    return [line.split() for line in stdout.splitlines() if line.split()[:1] == [first]]
+
+
+# --------------------------------------------------------------------------- featurize.py
+
+
+def _keras_run(rate: float, predict: float) -> dict:
+    return {"images": 4, "images_per_s": rate, "predict_images_per_s": predict, "cpu_s": 2.0, "device": "CPU",
+            "tensorflow_import_s": 1.5, "model_build_s": 0.5, "peak_rss_mib": 700.0}
+
+
+def _spark_run(rate: float) -> dict:
+    return {"images": 4, "images_per_s": rate, "cpu_s": 8.0, "partitions": 2, "driver_jvm_peak_rss_mib": 400.0,
+            "worker_peak_rss_mib": 300.0, "workers_sum_peak_rss_mib": 600.0}
+
+
+def test_featurize_alternates_the_sides_and_keeps_each_sides_best_run(monkeypatch, capsys):
+    calls = []
+    keras = iter([_keras_run(2.0, 8.0), _keras_run(5.0, 10.0), _keras_run(3.0, 20.0)])
+    spark = iter([_spark_run(4.0), _spark_run(1.0), _spark_run(6.0)])
+    monkeypatch.setattr(featurize, "run_keras_baseline", lambda *a: calls.append("keras") or next(keras))
+    monkeypatch.setattr(featurize, "spark_run", lambda *a: calls.append("spark") or next(spark))
+    args = argparse.Namespace(repeat=3, weights="random", batch_size=2, warm=False, engine="auto")
+    decode = {"seconds": 0.5, "images_per_s": 8.0, "input_size": 224}
+    row = featurize.measure_backbone(args, "ResNet50", {}, ["a.png"] * 4, decode)
+
+    assert calls == ["keras", "spark"] * 3
+    assert row["all_runs_images_per_s"] == {"keras": [2.0, 5.0, 3.0], "spark": [4.0, 1.0, 6.0]}
+    assert row["keras"]["images_per_s"] == 5.0 and row["spark"]["images_per_s"] == 6.0  # each side's best
+    assert row["ratio"] == pytest.approx(1.2)  # 6 / 5
+    assert row["ratio_predict_loop"] == pytest.approx(0.6)  # 6 / the best Keras run's predict loop, 10
+    capsys.readouterr()
+    featurize.print_tables([row])
+    speed, memory = _cells(capsys.readouterr().out, "ResNet50")
+    assert speed[:9] == ["ResNet50", "4", "CPU", "5.00", "6.00", "1.20", "10.00", "0.60", "n/a"]
+    assert speed[-3:] == ["8.0", "2.0", "2"]  # decode img/s, Keras import + build s, partitions
+    assert memory[:2] == ["ResNet50", "700"] and memory[3:] == ["400", "300", "600"]
+
+
+# --------------------------------------------------------------------------- engines.py
+
+
+SIDES = ["keras", "openvino", "spark-openvino"]
+COLD = {"keras": [3.0, 1.0, 2.0], "openvino": [4.0, 6.0, 5.0], "spark-openvino": [9.0, 7.0, 8.0]}
+WARM = {"keras": [10.0, 12.0, 11.0], "openvino": [20.0, 22.0, 21.0], "spark-openvino": [15.0, 16.0, 14.0]}
+
+
+def _engines_row(monkeypatch, default_side: str) -> tuple[dict, list[str]]:
+    calls = []
+    runs = {side: iter(zip(COLD[side], WARM[side])) for side in SIDES}
+
+    def run_side(args, side, model_name, paths, source):
+        calls.append(side)
+        assert source == ("model.xml" if side == "openvino" else None)  # Spark sides find their export themselves
+        cold, warm = next(runs[side])
+        return {"images": 3, "cold_images_per_s": cold, "warm_images_per_s": warm, "load_average": 0.0}
+
+    monkeypatch.setattr(engines, "exports_for", lambda *a: {"openvino": {"source": "model.xml"}})
+    monkeypatch.setattr(engines, "run_side", run_side)
+    args = argparse.Namespace(sides=SIDES, rounds=3, default_side=default_side)
+    return engines.measure_backbone(args, "ResNet50", ["a.png"] * 3), calls
+
+
+def test_engines_alternate_the_sides_every_round_and_summarise_the_rounds(monkeypatch, capsys):
+    row, calls = _engines_row(monkeypatch, "spark-openvino")
+    assert calls == SIDES * 3  # A B C A B C A B C
+    assert row["summary"]["keras"] == {"cold": {"min": 1.0, "median": 2.0, "max": 3.0},
+                                       "warm": {"min": 10.0, "median": 11.0, "max": 12.0}}
+    assert row["summary"]["spark-openvino"]["cold"] == {"min": 7.0, "median": 8.0, "max": 9.0}
+    ratios = row["ratios"]
+    assert ratios["default_side"] == "spark-openvino"
+    assert ratios["vs_keras_cold"] == pytest.approx(4.0) and ratios["vs_keras_warm"] == pytest.approx(15 / 11)
+    assert ratios["fastest_single_cold"] == ratios["fastest_single_warm"] == "openvino"
+    assert ratios["vs_fastest_single_cold"] == pytest.approx(1.6) and ratios["vs_fastest_single_warm"] == pytest.approx(15 / 21)
+    assert (ratios["target_vs_keras"], ratios["target_vs_fastest_single"]) == (1.3, 0.9)
+    capsys.readouterr()
+    engines.print_tables({"results": [row]})
+    rows = _cells(capsys.readouterr().out, "ResNet50")
+    assert rows[0] == ["ResNet50", "keras", "3", "1.00", "/", "2.00", "/", "3.00", "10.00", "/", "11.00", "/", "12.00"]
+    assert rows[-1][:5] == ["ResNet50", "spark-openvino", "4.00", "1.36", "1.3"]
+
+
+def test_engines_without_the_default_side_report_no_ratios(monkeypatch, capsys):
+    row, _ = _engines_row(monkeypatch, "spark-tensorflow")  # a GPU machine's default, not run here
+    assert row["ratios"] == {}
+    capsys.readouterr()
+    engines.print_tables({"results": [row]})
+    out = capsys.readouterr().out
+    assert len(_cells(out, "ResNet50")) == 3 and "x keras cold" not in out
+
+
+# --------------------------------------------------------------------------- explain.py
+
+
+def test_explain_keeps_each_steps_shortest_run_and_prints_the_json_figures(monkeypatch, tmp_path, capsys):
+    runs = {"featurize": [4.0, 2.0], "predict": [5.0, 6.0], "explain": [12.0, 10.0]}
+    figures = explain.best_of(runs, 8)
+    assert figures["seconds"] == {"featurize": 2.0, "predict": 5.0, "explain": 10.0}
+    assert figures["images_per_s"] == {"featurize": 4.0, "predict": 1.6, "explain": 0.8}
+    assert (figures["ratio_explain_to_predict"], figures["ratio_explain_to_featurize"]) == (2.0, 5.0)
+
+    report = {"settings": {"images": 8, "master": "local[1]"}, "all_runs_seconds": runs, **figures}
+    monkeypatch.setattr(explain, "measure", lambda args: report)
+    out = tmp_path / "explain.json"
+    assert explain.main(["--model", "m", "--images", "i", "--repeat", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert {cells[0]: cells[1:] for cells in (line.split() for line in printed.splitlines()) if len(cells) == 3} == {
+        "step": ["seconds", "images/s"], "featurize": ["2.0", "4.00"], "predict": ["5.0", "1.60"],
+        "explain": ["10.0", "0.80"]}
+    assert "explain / predict 2.00; explain / featurize 5.00" in printed
+    assert json.loads(out.read_text()) == report
+
+
+# --------------------------------------------------------------------------- sweep.py
+
+
+def test_sweep_report_prints_the_json_figures_and_the_verdicts(capsys):
+    experiment = {"experiment": "ResNet50_binary_classification", "n_images": 24, "images_featurized": 24,
+                  "featurization_seconds": 20.0, "wall_seconds": 40.0, "lr_iterations": 7}
+    memory = {"driver_python_peak_rss_mib": 500.0, "driver_jvm_peak_rss_mib": 1700.0, "driver_peak_rss_mib": 2100.0,
+              "python_workers_sum_peak_rss_mib": 900.0, "python_worker_peak_rss_mib": 450.0}
+    report = {"experiments": [experiment], "single_passes": [{"model": "ResNet50", "images": 24, "seconds": 25.0}],
+              "single_passes_seconds": 25.0, "sweep_seconds": 30.0, "sweep_featurization_seconds": 20.0,
+              "sweep_ratio": 1.2, "memory": memory}
+    sweep.print_report(report)
+    out = capsys.readouterr().out
+    assert _cells(out, "ResNet50_binary_classification") == [
+        ["ResNet50_binary_classification", "24", "24", "20.0", "40.0", "7"]]
+    assert "sum of single passes: 25.0 s; sweep: 30.0 s (of which featurization 20.0 s); ratio 1.200 (ABOVE the 1.15 target)" in out
+    assert "together 2100 MiB (OVER 2048 MiB)" in out and "largest one 450 MiB" in out
+
+    sweep.print_report({**report, "single_passes": [], "memory": {}})
+    out = capsys.readouterr().out
+    assert "sweep: 30.0 s (of which featurization 20.0 s); no single passes (--no-passes)" in out
+    assert "memory: n/a" in out
