@@ -1,8 +1,8 @@
-"""wrapper.sh end to end, as a user runs it, on a few generated images."""
+"""wrapper.sh as a user runs it: listing, usage, --config, one-line errors. A whole
+``wrapper.sh run`` on generated images is the rerun in tests/test_interrupt.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -33,36 +33,6 @@ def test_usage_on_bad_command():
     out = wrapper("frobnicate")
     assert out.returncode == 2
     assert "Usage" in out.stderr
-
-
-def test_run_end_to_end_on_generated_images(tmp_path):
-    raw = make_dataset(tmp_path / "raw", per_class=5)
-    before = sorted((p, os.path.getmtime(os.path.join(d, p))) for d, _, fs in os.walk(raw) for p in fs)
-    out = wrapper(
-        "run", "ResNet50_binary_classification",
-        "--set", "weights=random",
-        "--set", f"dataset.raw_dir={raw}",
-        "--set", f"dataset.resized_dir={tmp_path / 'resized'}",
-        "--set", f"results_dir={tmp_path / 'results'}",
-        "--set", f"cache_dir={tmp_path / 'cache'}",
-        "--set", "dataset.image_size=64",
-        "--set", "test_fraction=0.4",
-        "--set", "spark.master=local[2]",
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr
-    assert "WARN" not in out.stderr and "log4j" not in out.stderr  # the JVM's start-up lines go to the log
-    assert len(os.listdir(tmp_path / "results" / "logs")) == 1
-    assert "NOT transfer learning" in out.stdout
-    assert "accuracy" in out.stdout and "recall Covid-19" in out.stdout
-    metrics = json.loads((tmp_path / "results" / "ResNet50_binary_classification" / "metrics.json").read_text())
-    assert metrics["n_train"] + metrics["n_test"] == 10
-    assert f"accuracy {metrics['accuracy']:.3f} (95% CI" in out.stdout  # the printed result is the saved one
-    assert metrics["images_per_second"] > 0
-    assert metrics["weights"] == "random" and metrics["transfer_learning"] is False
-    assert (tmp_path / "results" / "ResNet50_binary_classification" / "model" / "stages").is_dir()
-    after = sorted((p, os.path.getmtime(os.path.join(d, p))) for d, _, fs in os.walk(raw) for p in fs)
-    assert after == before  # the raw folder is never written
 
 
 def test_config_option_before_or_after_every_command(tmp_path):

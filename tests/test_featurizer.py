@@ -207,41 +207,30 @@ def _fit_pipeline(spark, root):
     return PipelineModel(fitted.stages + [converter]), images
 
 
-@pytest.mark.slow  # a second Python process with its own Spark and TensorFlow
-def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
+@pytest.mark.slow  # a fit and two passes of the featurizer
+def test_pipeline_saves_and_loads(spark, tmp_path):
+    """The library's own Pipeline, saved and loaded back. In a fresh process: the app's saved model
+    folder, in tests/test_tracking.py (test_the_logged_model_loads_in_a_fresh_process_and_predicts_the_same)."""
     root = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=4)
     model, images = _fit_pipeline(spark, root)
+    images = images.drop("label")
     predictions = {
         _strip(r.path): (r.predicted_label, r.probability.toArray().tolist())
-        for r in model.transform(images.drop("label")).select("path", "predicted_label", "probability").collect()
+        for r in model.transform(images).select("path", "predicted_label", "probability").collect()
     }
     save_to = str(tmp_path / "model")
     model.write().save(save_to)
 
-    script = (
-        "import json, sys\n"
-        "from pyspark.sql import SparkSession\n"
-        "from pyspark.ml import PipelineModel\n"
-        "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
-        ".config('spark.ui.enabled','false').getOrCreate()\n"
-        "m = PipelineModel.load(sys.argv[1])\n"
-        "df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(sys.argv[2])\n"
-        "rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
-        "print(json.dumps({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script, save_to, str(root)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
-    loaded = {_strip(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
-    assert loaded.keys() == predictions.keys()
+    loaded_model = PipelineModel.load(save_to)
+    loaded = {_strip(r.path): (r.predicted_label, r.probability.toArray().tolist())
+              for r in loaded_model.transform(images).select("path", "predicted_label", "probability").collect()}
+    assert loaded.keys() == predictions.keys() and len(loaded) == 8
     for path, (label, prob) in predictions.items():
         assert loaded[path][0] == label
         np.testing.assert_allclose(loaded[path][1], prob, rtol=1e-5, atol=1e-6)
-    stage = PipelineModel.load(save_to).stages[1]
+    stage = loaded_model.stages[1]
     assert isinstance(stage, KerasImageFeaturizer) and stage.getWeights() == "random"
+    assert stage.getModelName() == MODEL and stage.getBatchSize() == 4
 
 
 @pytest.mark.slow

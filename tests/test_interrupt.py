@@ -1,7 +1,9 @@
 """Ctrl-C during the resize job and featurization, as a user presses it:
 one line ``error: interrupted ...``, exit 130, Spark stopped, nothing half-written, and the
 rerun continues from what was finished (slow: real wrapper.sh subprocesses; one test carries
-every probe). A sweep's Ctrl-C is tested in process, in tests/test_sweep.py.
+every probe). The rerun is also the suite's whole ``wrapper.sh run`` as a user runs it (clean
+terminal, one log, printed result = saved result, raw folder untouched). A sweep's Ctrl-C is
+tested in process, in tests/test_sweep.py.
 
 A job is interrupted at a point it signals, never after a guessed time: with
 ``IMAGEFEATURIZER_TEST_HOLD=<point>:<marker>`` a Spark task reaching ``<point>`` ("resize": the
@@ -101,8 +103,13 @@ def _temporaries(tmp_path) -> list[str]:
     return [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files if n.startswith(".tmp-")]
 
 
+def _files_and_times(folder) -> list[tuple[str, float]]:
+    return sorted((os.path.join(d, n), os.path.getmtime(os.path.join(d, n))) for d, _, names in os.walk(folder) for n in names)
+
+
 def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
-    make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=5)
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=5)
+    raw_before = _files_and_times(raw)
     args = ["run", EXPERIMENT, *_settings(tmp_path)]
 
     # Ctrl-C to the driver alone during the resize job: no manifest claims unfinished outputs.
@@ -115,11 +122,12 @@ def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
     cache = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / "cache") for n in names]
     assert cache == [] and not (tmp_path / "results" / EXPERIMENT).exists() and not _temporaries(tmp_path)
 
+    logs_before = os.listdir(tmp_path / "results" / "logs")
     rerun = _run(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "running the resize step" not in rerun.stdout  # the resize finished before is kept
     assert "featurizing 10 images" in rerun.stdout
-
+    _assert_a_whole_run(tmp_path, rerun, logs_before)
 
     # Not an interruption, but the same path from the workers to the terminal: weights whose shapes
     # fit VGG16 (the driver's check passes) and whose layers Keras cannot match fail in every Python
@@ -134,6 +142,22 @@ def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
     text = open(log, encoding="utf-8").read()
     assert "Traceback (most recent call last)" in text and "PythonException" in text
     assert json.loads((tmp_path / "results" / EXPERIMENT / "metrics.json").read_text())["weights"] == "random"  # kept
+    assert _files_and_times(raw) == raw_before  # the raw folder is never written
+
+
+def _assert_a_whole_run(tmp_path, run: subprocess.CompletedProcess, logs_before: list[str]) -> None:
+    """What ``wrapper.sh run`` shows and leaves: a clean terminal, one log, the printed result the saved one."""
+    assert "Traceback" not in run.stderr
+    assert "WARN" not in run.stderr and "log4j" not in run.stderr  # the JVM's start-up lines go to the log
+    assert len(os.listdir(tmp_path / "results" / "logs")) == len(logs_before) + 1
+    assert "NOT transfer learning" in run.stdout
+    assert "accuracy" in run.stdout and "recall Covid-19" in run.stdout
+    metrics = json.loads((tmp_path / "results" / EXPERIMENT / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_test"] == 10
+    assert f"accuracy {metrics['accuracy']:.3f} (95% CI" in run.stdout  # the printed result is the saved one
+    assert metrics["images_per_second"] > 0
+    assert metrics["weights"] == "random" and metrics["transfer_learning"] is False
+    assert (tmp_path / "results" / EXPERIMENT / "model" / "stages").is_dir()
 
 
 def _renamed_layer_weights(tmp_path) -> str:

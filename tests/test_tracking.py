@@ -1,5 +1,6 @@
 """MLflow tracking: what a run logs, sweeps as parent runs, the store check, and the logged model
-loading in a fresh process."""
+loading in a fresh process (with the run's saved Pipeline folder: the suite's fresh-process
+save/load round trip)."""
 
 from __future__ import annotations
 
@@ -132,8 +133,12 @@ import imagefeaturizer
 images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
           .load(sys.argv[3]))
 rows = model.transform(images).select("path", "predicted_label", "probability").collect()
+# The run's own saved folder too, as PipelineModel.load reads it (the project now importable).
+from pyspark.ml import PipelineModel
+folder = PipelineModel.load(sys.argv[4]).transform(images).select("path", "predicted_label", "probability").collect()
 print(json.dumps({"package": imagefeaturizer.__file__,
-                  "rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}}))
+                  "rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows},
+                  "folder_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in folder}}))
 """
 
 
@@ -159,12 +164,14 @@ def test_the_logged_model_loads_in_a_fresh_process_and_predicts_the_same(spark, 
     # A fresh process that has never seen this project: no PYTHONPATH, another working folder.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, tracking.store_uri(exp.settings, exp.base_dir), uri,
-                           str(tmp_path / "resized")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           str(tmp_path / "resized"), os.path.join(exp.results_dir, "model")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["package"].startswith(os.path.join(ROOT, "code"))  # the model's own copy of the code
-    assert got["rows"].keys() == want.keys() and len(want) == 6
-    for path, (label, probability) in want.items():
-        assert got["rows"][path][0] == label
-        np.testing.assert_allclose(got["rows"][path][1], probability, rtol=1e-6, atol=1e-9)
+    assert len(want) == 6
+    for rows in (got["rows"], got["folder_rows"]):  # the logged model, and the saved folder loaded as it is
+        assert rows.keys() == want.keys()
+        for path, (label, probability) in want.items():
+            assert rows[path][0] == label
+            np.testing.assert_allclose(rows[path][1], probability, rtol=1e-6, atol=1e-9)
