@@ -5,7 +5,8 @@ format the decoder supports; each resized output must equal the resized picture 
 lossless formats, within JPEG loss otherwise). Bad files of every kind must be named with their
 reason, with ``handleInvalid`` error and skip, and no traceback may appear.
 
-Three ``wrapper.sh`` runs (about a minute each on two cores): the resize job with
+Three runs of the command line's ``main`` in this process (its Spark session; wrapper.sh and a
+fresh process are tested in tests/test_cli.py and tests/test_interrupt.py): the resize job with
 handleInvalid=error, again with skip, and a binary experiment whose raw data is first downloaded
 from an archive served on 127.0.0.1.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import zipfile
 
 import numpy as np
@@ -25,6 +25,7 @@ from PIL import Image
 from conftest import ROOT, png_bytes
 from imagefeaturizer.images import resize_pil
 from test_download import Server
+from xray.cli import main
 
 SIZE = 32  # dataset.image_size of the runs
 MAX_PIXELS = 1_000_000  # max_image_pixels of the runs: the bomb's header claims 9 million
@@ -140,13 +141,13 @@ def corpus(tmp_path_factory):
     return {"root": root, "raw": str(raw), "expected": expected, "bad": bad}
 
 
-def _wrapper(*args: str) -> tuple[int, str, str]:
-    done = subprocess.run(
-        [os.path.join(ROOT, "wrapper.sh"), *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-        stdin=subprocess.DEVNULL,
-    )
-    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
-    return done.returncode, done.stdout, done.stderr
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``wrapper.sh --config config.yaml ARGS`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(["--config", os.path.join(ROOT, "config.yaml"), *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return code, out, err
 
 
 def _output_name(rel: str) -> str:
@@ -177,6 +178,7 @@ def _resize_args(corpus, *extra: str) -> list[str]:
         "run", "dataset_resize",
         "--set", f"dataset.raw_dir={corpus['raw']}",
         "--set", f"dataset.resized_dir={corpus['root'] / 'resized'}",
+        "--set", f"results_dir={corpus['root'] / 'results'}",  # its log
         "--set", f"dataset.image_size={SIZE}",
         "--set", f"max_image_pixels={MAX_PIXELS}",
         "--set", "spark.master=local[2]",
@@ -185,12 +187,12 @@ def _resize_args(corpus, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resize_job_error_then_skip(corpus):
+def test_resize_job_error_then_skip(spark, corpus, capsys):
     raw, out = corpus["raw"], str(corpus["root"] / "resized")
     bad = corpus["bad"]
 
     # handleInvalid=error (the default): every bad file named with its reason, then a one-line error.
-    rc, stdout, stderr = _wrapper(*_resize_args(corpus))
+    rc, stdout, stderr = _cli(capsys, *_resize_args(corpus))
     assert rc == 2
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     first = sorted(bad)[0]
@@ -204,7 +206,7 @@ def test_resize_job_error_then_skip(corpus):
     _check_outputs(out, corpus["expected"])
 
     # handleInvalid=skip: nothing to redo (Spark is not even started); every bad file listed.
-    rc, stdout, stderr = _wrapper(*_resize_args(corpus, "--set", "handleInvalid=skip"))
+    rc, stdout, stderr = _cli(capsys, *_resize_args(corpus, "--set", "handleInvalid=skip"))
     assert rc == 0, stderr
     assert "is up to date" in stdout
     for rel, reason in bad.items():
@@ -223,7 +225,7 @@ def test_resize_job_error_then_skip(corpus):
 
 
 @pytest.mark.slow
-def test_experiment_downloads_the_corpus_and_skips_bad_files(corpus):
+def test_experiment_downloads_the_corpus_and_skips_bad_files(spark, corpus, capsys):
     # The corpus, as the public archive lays it out, served from 127.0.0.1.
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -235,8 +237,8 @@ def test_experiment_downloads_the_corpus_and_skips_bad_files(corpus):
     root = corpus["root"]
     raw = str(root / "downloaded" / "raw")
     try:
-        rc, stdout, stderr = _wrapper(
-            "run", "ResNet50_binary_classification",
+        rc, stdout, stderr = _cli(
+            capsys, "run", "ResNet50_binary_classification",
             "--set", "weights=random",
             "--set", "handleInvalid=skip",
             "--set", f"dataset.raw_dir={raw}",
