@@ -33,6 +33,8 @@ from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF, shipped_name
 from imagefeaturizer.runtime import local_weights as _local_weights
 from xray import cluster
 from xray.cli import main as xray_main
+from xray.config import load_config
+from xray.run import run_experiment
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import procinfo  # noqa: E402 - the one copy of the /proc walking, in benchmarks/
@@ -236,16 +238,22 @@ def raw_images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("raw"), classes=("Covid-19", "No_findings"), per_class=8)
 
 
-def _command(raw: str, out, master: str, resized=None, spark_conf: dict[str, str] | None = None) -> list[str]:
-    overrides = [
+def _overrides(raw: str, out) -> list[str]:
+    return [
         "weights=random",
         f"dataset.raw_dir={raw}",
-        f"dataset.resized_dir={resized or out / 'resized'}",
+        f"dataset.resized_dir={out / 'resized'}",
         "dataset.image_size=64",
         f"results_dir={out / 'results'}",
         f"cache_dir={out / 'cache'}",
         "test_fraction=0.25",
         "batch_size=4",
+    ]
+
+
+def _command(raw: str, out, master: str, spark_conf: dict[str, str] | None = None) -> list[str]:
+    overrides = [
+        *_overrides(raw, out),
         f"spark.master={master}",
         "spark.driver_memory=1g",
         "spark.conf.spark.ui.enabled=false",
@@ -259,12 +267,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": CODE, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _start_run(raw: str, out, master: str, resized=None, spark_conf=None) -> subprocess.Popen:
+def _start_run(raw: str, out, master: str, spark_conf=None) -> subprocess.Popen:
     """The experiment in its own process; its output goes to files (a full pipe would stall it)."""
     os.makedirs(out, exist_ok=True)
     with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
         return subprocess.Popen(
-            _command(raw, out, master, resized, spark_conf), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
+            _command(raw, out, master, spark_conf), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
             stdout=stdout, stderr=stderr, text=True,
         )
 
@@ -303,9 +311,13 @@ def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(raw_images, tmp_path_factory):
+def local_run(spark, raw_images, tmp_path_factory):
+    """The experiment in local mode, in this process' session (local[2]): what the cluster must give."""
     out = tmp_path_factory.mktemp("local")
-    return _finish(_start_run(raw_images, out, "local[2]"), out), out
+    run_experiment(load_config(os.path.join(ROOT, "config.yaml")).experiment(EXPERIMENT, _overrides(raw_images, out)),
+                   log=lambda *_: None)
+    with open(out / "results" / EXPERIMENT / "metrics.json", encoding="utf-8") as f:
+        return json.load(f), out
 
 
 @pytest.mark.slow
