@@ -189,11 +189,10 @@ def test_feature_check_compares_the_featurizer_with_keras_own_model_on_a_weights
     assert f"{results[0]['max_abs_diff_over_max_abs']:.2e}" in proc.stdout
 
 
-EXPLAIN_SCRIPT = os.path.join(ROOT, "benchmarks", "explain.py")
-
-
 @pytest.mark.slow
-def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_images(spark, tmp_path):
+def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_images(spark, tmp_path, capsys):
+    """In this process (the script starts no Spark application of its own: it takes the session
+    there is, as it would take a new local one)."""
     from pyspark.ml import Pipeline, PipelineModel
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.feature import IndexToString, StringIndexer
@@ -212,17 +211,19 @@ def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_image
     converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=fitted.stages[0].labels)
     PipelineModel(fitted.stages + [converter]).save(str(tmp_path / "model"))
     report_path = tmp_path / "explain.json"
-    proc = subprocess.run([sys.executable, EXPLAIN_SCRIPT, "--model", str(tmp_path / "model"), "--images", raw,
-                           "--limit", "5", "--master", "local[1]", "--json", str(report_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    import explain  # benchmarks/explain.py
+
+    capsys.readouterr()
+    assert explain.main(["--model", str(tmp_path / "model"), "--images", raw, "--limit", "5", "--master", "local[2]",
+                         "--json", str(report_path)]) == 0
+    stdout = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert report["settings"]["images"] == 5
     runs = report["all_runs_seconds"]
     assert all(runs[k] == [report["seconds"][k]] for k in ("featurize", "predict", "explain"))  # one run each
     assert report["ratio_explain_to_predict"] == pytest.approx(report["seconds"]["explain"] / report["seconds"]["predict"])
-    assert f"explain / predict {report['ratio_explain_to_predict']:.2f}" in proc.stdout
-    table = [line.split() for line in proc.stdout.splitlines()]
+    assert f"explain / predict {report['ratio_explain_to_predict']:.2f}" in stdout
+    table = [line.split() for line in stdout.splitlines()]
     rows = {cells[0]: cells[1] for cells in table if len(cells) == 3 and cells[0] in report["seconds"]}
     assert rows == {k: f"{v:.1f}" for k, v in report["seconds"].items()}  # the printed table shows the JSON's figures
 
