@@ -452,6 +452,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         _wait_until("a featurization task held at the gate", lambda: _gate_records(gate, "waiting"), proc)
         featurizing = glob.glob(str(tmp_path / "cache" / "*" / ".tmp-*"))  # the job's output folder
         victim = _worker_of(_gate_records(gate, "waiting")[0], cluster_settings)
+        zips = _shipped_zips(cluster_settings)  # the victim's, before its worker and folders go
         killed = _kill_worker(cluster_settings, victim)
         (gate / "open").touch()
         got = _finish(proc, tmp_path)
@@ -472,8 +473,17 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
     _assert_same_results(got, want, tmp_path, out_local)
 
     # It really ran on the cluster's executors, which got the project as the zip the driver
-    # shipped (the workers run without PYTHONPATH, so nothing else could have imported it).
+    # shipped (the workers run without PYTHONPATH, so nothing else could have imported it): the
+    # victim's executor before the kill, the other one's, which ran the lost task again, after.
     state = cluster.master_state(cluster_settings)
     assert any(app["name"] == "xray-featurizer" for app in state["completedapps"])
-    shipped = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", "app-*", "*", "xray_featurizer_code.zip"))
-    assert {p.split(os.sep)[-4] for p in shipped} == {"worker-1", "worker-2"}
+    assert {victim, *(_worker_of(r, cluster_settings) for r in reruns)} == {"worker-1", "worker-2"}
+    assert zips.get(victim) and _shipped_zips(cluster_settings).get(_worker_of(reruns[0], cluster_settings))
+
+
+def _shipped_zips(settings: cluster.ClusterSettings) -> dict[str, list[str]]:
+    """``worker-N`` -> the project's zips in its executors' working folders."""
+    found: dict[str, list[str]] = {}
+    for path in glob.glob(os.path.join(settings.state_dir, "work", "worker-*", "app-*", "*", "xray_featurizer_code.zip")):
+        found.setdefault(path.split(os.sep)[-4], []).append(path)
+    return found
