@@ -30,7 +30,7 @@ def _cells(stdout: str, first: str) -> list[list[str]]:
 
 
 def _keras_run(rate: float, predict: float) -> dict:
-    return {"images": 4, "images_per_s": rate, "predict_images_per_s": predict, "cpu_s": 2.0, "device": "CPU",
+    return {"images": 4, "images_per_s": rate, "predict_images_per_s": predict, "cpu_s": 2.0, "device": "test-device",
             "tensorflow_import_s": 1.5, "model_build_s": 0.5, "peak_rss_mib": 700.0}
 
 
@@ -57,7 +57,7 @@ def test_featurize_alternates_the_sides_and_keeps_each_sides_best_run(monkeypatc
     capsys.readouterr()
     featurize.print_tables([row])
     speed, memory = _cells(capsys.readouterr().out, "ResNet50")
-    assert speed[:9] == ["ResNet50", "4", "CPU", "5.00", "6.00", "1.20", "10.00", "0.60", "n/a"]
+    assert speed[:9] == ["ResNet50", "4", "test-device", "5.00", "6.00", "1.20", "10.00", "0.60", "n/a"]
     assert speed[-3:] == ["8.0", "2.0", "2"]  # decode img/s, Keras import + build s, partitions
     assert memory[:2] == ["ResNet50", "700"] and memory[3:] == ["400", "300", "600"]
 
