@@ -118,11 +118,12 @@ def test_engines_without_the_default_side_report_no_ratios(monkeypatch, capsys):
 
 
 def test_explain_keeps_each_steps_shortest_run_and_prints_the_json_figures(monkeypatch, tmp_path, capsys):
-    runs = {"featurize": [4.0, 2.0], "predict": [5.0, 6.0], "explain": [12.0, 10.0]}
+    runs = {"featurize": [4.0, 2.0], "maps": [3.0, 4.0], "predict": [5.0, 6.0], "explain": [12.0, 10.0]}
     figures = explain.best_of(runs, 8)
-    assert figures["seconds"] == {"featurize": 2.0, "predict": 5.0, "explain": 10.0}
-    assert figures["images_per_s"] == {"featurize": 4.0, "predict": 1.6, "explain": 0.8}
+    assert figures["seconds"] == {"featurize": 2.0, "maps": 3.0, "predict": 5.0, "explain": 10.0}
+    assert figures["images_per_s"] == {"featurize": 4.0, "maps": 8 / 3, "predict": 1.6, "explain": 0.8}
     assert (figures["ratio_explain_to_predict"], figures["ratio_explain_to_featurize"]) == (2.0, 5.0)
+    assert figures["ratio_maps_to_featurize"] == 1.5
 
     report = {"settings": {"images": 8, "master": "local[1]"}, "all_runs_seconds": runs, **figures}
     monkeypatch.setattr(explain, "measure", lambda args: report)
@@ -130,9 +131,9 @@ def test_explain_keeps_each_steps_shortest_run_and_prints_the_json_figures(monke
     assert explain.main(["--model", "m", "--images", "i", "--repeat", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert {cells[0]: cells[1:] for cells in (line.split() for line in printed.splitlines()) if len(cells) == 3} == {
-        "step": ["seconds", "images/s"], "featurize": ["2.0", "4.00"], "predict": ["5.0", "1.60"],
-        "explain": ["10.0", "0.80"]}
-    assert "explain / predict 2.00; explain / featurize 5.00" in printed
+        "step": ["seconds", "images/s"], "featurize": ["2.0", "4.00"], "maps": ["3.0", "2.67"],
+        "predict": ["5.0", "1.60"], "explain": ["10.0", "0.80"]}
+    assert "explain / predict 2.00; explain / featurize 5.00; maps / featurize 1.50" in printed
     assert json.loads(out.read_text()) == report
 
 
