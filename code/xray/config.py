@@ -50,11 +50,28 @@ def _typed(kind, *, minimum=None, maximum=None, exclusive_max=False):
     return check
 
 
+def _list_of(rule):
+    def check(key, value):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list of values, e.g. [0.01, 0.1, 1.0], got {value!r}")
+        return [rule(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
 def _text(key, value):
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
     return value
 
+
+_CLASSIFIER = {  # Spark ML LogisticRegression
+    "regParam": _typed(float, minimum=0.0),
+    "elasticNetParam": _typed(float, minimum=0.0, maximum=1.0),
+    "maxIter": _typed(int, minimum=1),
+    "tol": _typed(float, minimum=0.0),
+    "standardization": _typed(bool),
+}
 
 SCHEMA: dict[str, Any] = {
     "job": _choice(*JOBS),
@@ -80,11 +97,8 @@ SCHEMA: dict[str, Any] = {
         "download_sha256": _text,  # optional: the archive's expected SHA-256 (hex)
     },
     "classifier": {
-        "regParam": _typed(float, minimum=0.0),
-        "elasticNetParam": _typed(float, minimum=0.0, maximum=1.0),
-        "maxIter": _typed(int, minimum=1),
-        "tol": _typed(float, minimum=0.0),
-        "standardization": _typed(bool),
+        **_CLASSIFIER,
+        "grid": {k: _list_of(rule) for k, rule in _CLASSIFIER.items()},  # candidates: the tuned head
     },
     "spark": {
         "master": _text,

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
-from . import experiment, reports
+from . import experiment, reports, tuning
 from .atomic import write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
@@ -83,7 +83,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     """
     started = time.perf_counter()
     phases = Phases()
-    _check_before_spark(exp, log)
+    check_before_spark(exp, log)
     phases.mark("checks")
     spark = spark_session(exp.settings)
     phases.mark("spark_session")
@@ -99,7 +99,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     return Prepared(exp, featurizer, feats, fstats, audit, cue_warning, invalid_raw, phases, started)
 
 
-def _check_before_spark(exp: Experiment, log) -> None:
+def check_before_spark(exp: Experiment, log) -> None:
     """Data there (fetched when missing), the task's class folders, the weights: no Spark yet."""
     if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
         log(f"data folder {exp.raw_dir} not found: fetching the public data set into it")
@@ -133,22 +133,24 @@ def fit_and_report(p: Prepared, log=print) -> dict:
     exp, fstats, phases = p.exp, p.fstats, p.phases
     phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     classes = sorted(exp.classes)
-    split = with_split(p.feats, exp["seed"], exp["test_fraction"], exp["cv_folds"], keys=fstats.keys).cache()
+    folds = tuning.fold_count(exp.settings)  # cv_folds, or the tuned head's folds
+    split = with_split(p.feats, exp["seed"], exp["test_fraction"], folds, keys=fstats.keys).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
     sizes = _split_sizes(split)
     log(f"features: {fstats.images} images, {fstats.featurized} featurized in {fstats.seconds:.1f} s, "
         f"{fstats.from_cache} from cache; train {sizes['n_train']}, test {sizes['n_test']}")
     phases.mark("split")
-    head = experiment.fit_head(train, exp.settings, len(classes))
+    head, tuned = tuning.fit_head(train, exp.settings, classes, log)  # a grid: CrossValidator, then the refit
     phases.mark("fit")
     if list(head[0].labels) != classes:
         raise DataError(f"training split lacks a class: has {head[0].labels}, task needs {classes}")
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
-    cv = _cross_validation(exp, train, classes, log, phases)
+    cv = _cross_validation(exp, train, classes, log, phases, tuning.chosen_settings(exp.settings, tuned))
     experiment.save_model_atomic(experiment.assemble(head, p.featurizer), os.path.join(exp.results_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv)
+    result.update(method=tuning.method(exp.settings), **({"tuning": tuned} if tuned else {}))
     result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
     phases.mark("reports")
     result["phase_seconds"] = phases.seconds
@@ -163,11 +165,12 @@ def _split_sizes(split: DataFrame) -> dict[str, int]:
     return {"n_train": sizes.get(False, 0), "n_test": sizes.get(True, 0)}
 
 
-def _cross_validation(exp: Experiment, train: DataFrame, classes: list[str], log, phases: Phases) -> dict | None:
+def _cross_validation(exp: Experiment, train: DataFrame, classes: list[str], log, phases: Phases,
+                      settings: dict) -> dict | None:
     if exp["cv_folds"] <= 1:
         return None
     log(f"cross-validation: {exp['cv_folds']} stratified folds of the training split")
-    cv = experiment.cross_validate(train, exp.settings, classes, exp["cv_folds"])
+    cv = experiment.cross_validate(train, settings, classes, exp["cv_folds"])
     acc = cv["accuracy"]
     log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
     phases.mark("cross_validation")

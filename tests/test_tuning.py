@@ -1,0 +1,121 @@
+"""The tuned head on hand-made feature vectors: Spark's CrossValidator over the split's folds, the
+record of every candidate, the choice and the refit on the whole training split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+from pyspark.ml.linalg import Vectors, VectorUDT
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
+
+from xray import experiment, tuning
+from xray.errors import DataError
+from xray.split import with_split
+
+CLASSES = ["a", "b", "c"]
+CLASSIFIER = {"regParam": 0.01, "elasticNetParam": 0.0, "maxIter": 10, "tol": 1e-6, "standardization": True}
+
+
+def _settings(grid=None, cv_folds=0):
+    return {"seed": 3, "cv_folds": cv_folds, "classifier": {**CLASSIFIER, **({"grid": grid} if grid else {})}}
+
+
+def _feature_rows(spark, per_class: int = 12):
+    """Three clusters in 4 dimensions that overlap a little."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for k, cls in enumerate(CLASSES):
+        for i in range(per_class):
+            v = rng.normal(0, 1.0, 4)
+            v[k] += 3.0
+            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
+    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
+                         StructField("features", VectorUDT())])
+    return spark.createDataFrame(rows, schema)
+
+
+def test_no_grid_is_the_plain_probe():
+    settings = _settings(cv_folds=0)
+    assert tuning.grid_of(settings) == {} and tuning.method(settings) == "linear probe"
+    assert tuning.fold_count(settings) == 0 and tuning.chosen_settings(settings, None) is settings
+    tuned = _settings({"regParam": [0.1, 1.0]})
+    assert tuning.method(tuned) == "tuned probe" and tuning.fold_count(tuned) == tuning.DEFAULT_FOLDS
+    assert tuning.fold_count(_settings({"regParam": [0.1]}, cv_folds=5)) == 5
+
+
+def test_cross_validator_scores_each_candidate_on_the_folds_and_refits_the_best(spark):
+    grid = {"regParam": [0.01, 30.0]}
+    settings = _settings(grid)
+    folds = tuning.fold_count(settings)
+    split = with_split(_feature_rows(spark), seed=3, test_fraction=0.25, cv_folds=folds).cache()
+    train = split.filter(~F.col("is_test"))
+    head, record = tuning.fit_head(train, settings, CLASSES, log=lambda *_: None)
+
+    assert [c["params"] for c in record["candidates"]] == [{"regParam": r} for r in grid["regParam"]]
+    assert record["metric"] == "logLoss" and record["folds"] == folds and record["fits"] == 2 * folds + 1
+    best = min(record["candidates"], key=lambda c: c["mean"])
+    assert record["chosen"] == best["params"] and record["chosen_mean"] == best["mean"]
+    assert record["chosen"] == {"regParam": 0.01}  # near-uniform probabilities (30.0) lose on log loss
+    # The chosen candidate's mean and spread are what fitting on the other folds and scoring the
+    # held-out fold give, fold by fold (our own loop over the same fold column).
+    evaluator = MulticlassClassificationEvaluator(labelCol=experiment.LABEL_INDEX, metricName="logLoss")
+    losses = []
+    for f in range(folds):
+        fold_settings = {"classifier": {**CLASSIFIER, **best["params"]}}
+        fitted = experiment.fit_head(train.filter(F.col("fold") != f), fold_settings, len(CLASSES))
+        held = fitted[0].transform(train.filter(F.col("fold") == f))
+        losses.append(evaluator.evaluate(fitted[1].transform(held)))
+    assert best["mean"] == pytest.approx(np.mean(losses), rel=1e-3)
+    assert best["std"] == pytest.approx(np.std(losses), rel=1e-2, abs=1e-4)  # Spark's: over the folds, ddof 0
+
+    # The head has the untuned shape, its LogisticRegression refitted on the whole training split.
+    indexer, lr_model, converter = head
+    assert list(indexer.labels) == CLASSES and converter.getLabels() == CLASSES
+    assert lr_model.getRegParam() == record["chosen"]["regParam"]
+    assert lr_model.summary.predictions.count() == train.count()
+    assert tuning.chosen_settings(settings, record)["classifier"]["regParam"] == record["chosen"]["regParam"]
+    metrics, _ = experiment.evaluate(head, split.filter("is_test"), CLASSES)
+    assert metrics["n_test"] == split.filter("is_test").count()
+    split.unpersist()
+
+
+def test_grid_needs_images_in_every_fold(spark):
+    settings = _settings({"regParam": [0.1, 1.0]}, cv_folds=5)
+    train = with_split(_feature_rows(spark, per_class=4), seed=3, test_fraction=0.25, cv_folds=5).filter("not is_test")
+    with pytest.raises(DataError, match=r"classifier.grid over 5 folds needs at least 5 training images per class"):
+        tuning.fit_head(train, settings, CLASSES, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_grid_records_it_and_saves_the_usual_model(spark, tmp_path):
+    import json
+    import os
+
+    from pyspark.ml import PipelineModel
+
+    from conftest import ROOT, make_dataset
+    from xray.config import load_config
+    from xray.run import run_experiment
+
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=8)
+    overrides = ["weights=random", f"dataset.raw_dir={raw}", f"dataset.resized_dir={tmp_path / 'resized'}",
+                 "dataset.image_size=32", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+                 "test_fraction=0.25", "batch_size=8", "classifier.maxIter=10",
+                 "classifier.grid.regParam=[0.01, 100.0]"]
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("VGG16_binary_classification", overrides)
+    m = run_experiment(exp, log=lambda *_: None)
+    saved = json.loads((tmp_path / "results" / exp.name / "metrics.json").read_text())
+    assert saved["method"] == "tuned probe" == m["method"]
+    record = saved["tuning"]
+    assert record["grid"] == {"regParam": [0.01, 100.0]} and record["folds"] == 3
+    assert [c["params"]["regParam"] for c in record["candidates"]] == [0.01, 100.0]
+    assert all(c["mean"] > 0 and c["std"] >= 0 for c in record["candidates"])
+    assert record["chosen"] == min(record["candidates"], key=lambda c: c["mean"])["params"]
+    assert record["seconds"] > 0 and record["fits"] == 7
+    model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
+    assert [type(s).__name__ for s in model.stages] == [
+        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
+    assert model.stages[2].getRegParam() == record["chosen"]["regParam"]
+    assert saved["n_train"] == 12 and saved["config"]["classifier"]["grid"] == {"regParam": [0.01, 100.0]}
