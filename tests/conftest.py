@@ -86,3 +86,46 @@ def make_dataset(root, classes=("Covid-19", "No_findings", "Pneumonia"), per_cla
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "raw")
+
+
+def feature_rows(spark, classes, per_class: int, noise: float, seed: int):
+    """Labelled feature vectors (``path``, ``label``, ``features``): one cluster a class in 4
+    dimensions, class k shifted by 3 along dimension k, ``noise`` the spread of each."""
+    from pyspark.ml.linalg import Vectors, VectorUDT
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, cls in enumerate(classes):
+        for i in range(per_class):
+            v = rng.normal(0, noise, 4)
+            v[k] += 3.0
+            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
+    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
+                         StructField("features", VectorUDT())])
+    return spark.createDataFrame(rows, schema)
+
+
+_FRESH_PREDICT = (
+    "import json, sys\n"
+    "from pyspark.sql import SparkSession\n"
+    "from pyspark.ml import PipelineModel\n"
+    "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
+    ".config('spark.ui.enabled','false').getOrCreate()\n"
+    "m = PipelineModel.load(sys.argv[1])\n"
+    "df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(sys.argv[2])\n"
+    "rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
+    "print(json.dumps({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}))\n"
+)
+
+
+def predict_in_fresh_process(model_dir, images_dir, cwd) -> dict:
+    """``{path: [predicted_label, probabilities]}`` of a saved PipelineModel loaded in a new Python
+    process (its own SparkSession) on the image files under ``images_dir``."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FRESH_PREDICT, str(model_dir), str(images_dir)],
+                         capture_output=True, text=True, timeout=600, cwd=str(cwd))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import IndexToString, StringIndexer
 from pyspark.ml.linalg import DenseVector
 
-from conftest import ROOT, make_dataset, png_bytes, xray_like
+from conftest import ROOT, make_dataset, png_bytes, predict_in_fresh_process, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
@@ -182,24 +180,7 @@ def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
     save_to = str(tmp_path / "model")
     model.write().save(save_to)
 
-    script = (
-        "import json, sys\n"
-        "from pyspark.sql import SparkSession\n"
-        "from pyspark.ml import PipelineModel\n"
-        "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
-        ".config('spark.ui.enabled','false').getOrCreate()\n"
-        "m = PipelineModel.load(sys.argv[1])\n"
-        "df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(sys.argv[2])\n"
-        "rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
-        "print(json.dumps({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script, save_to, str(root)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
-    loaded = {_strip(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    loaded = {_strip(k): v for k, v in predict_in_fresh_process(save_to, root, ROOT).items()}
     assert loaded.keys() == predictions.keys()
     for path, (label, prob) in predictions.items():
         assert loaded[path][0] == label

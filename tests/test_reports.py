@@ -81,7 +81,8 @@ def test_summary_table_markdown_and_csv():
     assert table[2]["error"] == "weights for VGG16 unavailable offline" and table[2]["accuracy"] == ""
 
     md = reports.summary_markdown(rows)
-    assert "| ResNet50_binary_classification | ResNet50 | binary | 0.714 (" in md
+    assert "| ResNet50_binary_classification | ResNet50 | binary | linear probe | 0.714 (" in md
+    assert [r["method"] for r in table] == ["linear probe", "linear probe", ""]
     assert "0.800 ± 0.050 (3 folds)" in md
     assert "## Failed\n\n- VGG16_binary_classification: weights for VGG16 unavailable offline" in md
     assert "NOT transfer learning" in md

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-from pyspark.ml.linalg import Vectors, VectorUDT
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType
 
+from conftest import feature_rows
 from xray import experiment, tuning
 from xray.errors import DataError
 from xray.split import with_split
@@ -24,16 +23,7 @@ def _settings(grid=None, cv_folds=0):
 
 def _feature_rows(spark, per_class: int = 12):
     """Three clusters in 4 dimensions that overlap a little."""
-    rng = np.random.default_rng(1)
-    rows = []
-    for k, cls in enumerate(CLASSES):
-        for i in range(per_class):
-            v = rng.normal(0, 1.0, 4)
-            v[k] += 3.0
-            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
-    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
-                         StructField("features", VectorUDT())])
-    return spark.createDataFrame(rows, schema)
+    return feature_rows(spark, CLASSES, per_class, noise=1.0, seed=1)
 
 
 def test_no_grid_is_the_plain_probe():
@@ -88,34 +78,5 @@ def test_grid_needs_images_in_every_fold(spark):
         tuning.fit_head(train, settings, CLASSES, log=lambda *_: None)
 
 
-@pytest.mark.slow
-def test_a_run_with_a_grid_records_it_and_saves_the_usual_model(spark, tmp_path):
-    import json
-    import os
-
-    from pyspark.ml import PipelineModel
-
-    from conftest import ROOT, make_dataset
-    from xray.config import load_config
-    from xray.run import run_experiment
-
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=8)
-    overrides = ["weights=random", f"dataset.raw_dir={raw}", f"dataset.resized_dir={tmp_path / 'resized'}",
-                 "dataset.image_size=32", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-                 "test_fraction=0.25", "batch_size=8", "classifier.maxIter=10",
-                 "classifier.grid.regParam=[0.01, 100.0]"]
-    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("VGG16_binary_classification", overrides)
-    m = run_experiment(exp, log=lambda *_: None)
-    saved = json.loads((tmp_path / "results" / exp.name / "metrics.json").read_text())
-    assert saved["method"] == "tuned probe" == m["method"]
-    record = saved["tuning"]
-    assert record["grid"] == {"regParam": [0.01, 100.0]} and record["folds"] == 3
-    assert [c["params"]["regParam"] for c in record["candidates"]] == [0.01, 100.0]
-    assert all(c["mean"] > 0 and c["std"] >= 0 for c in record["candidates"])
-    assert record["chosen"] == min(record["candidates"], key=lambda c: c["mean"])["params"]
-    assert record["seconds"] > 0 and record["fits"] == 7
-    model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
-    assert [type(s).__name__ for s in model.stages] == [
-        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
-    assert model.stages[2].getRegParam() == record["chosen"]["regParam"]
-    assert saved["n_train"] == 12 and saved["config"]["classifier"]["grid"] == {"regParam": [0.01, 100.0]}
+# A whole run with a grid (the record in metrics.json, the saved model's shape) is checked in the
+# shared sweep of tests/test_sweep_predict.py, on cached features.

@@ -19,7 +19,6 @@ runs inside the Python workers is in :mod:`imagefeaturizer.runtime`.
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterator, Tuple
 
 import pandas as pd
@@ -35,12 +34,8 @@ from pyspark.sql import types as T
 
 from . import backbones, runtime
 from .images import DEFAULT_MAX_PIXELS, SPARK_IMAGE_FIELDS
-from .runtime import SHIP_WEIGHTS_CONF
 
 HANDLE_INVALID = ("error", "skip")
-
-# Per SparkContext (dropped with it): weights path -> sha256, for files already hashed and shipped.
-_SHIPPED_WEIGHTS: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 class KerasImageFeaturizer(
@@ -212,19 +207,12 @@ class KerasImageFeaturizer(
         Off local mode the file is also shipped to every executor (``SparkContext.addFile``; each
         executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights``
         is ``false`` because the path is on storage every node reads. Executors check the sha256
-        (:func:`imagefeaturizer.runtime.local_weights`).
+        (:func:`imagefeaturizer.runtime.local_weights`); :func:`imagefeaturizer.runtime.ship_file`.
         """
         path = backbones.resolve_weights(self.backbone, self.getWeights())
         if path is None:
             return None, None
-        sc = spark.sparkContext
-        shipped = _SHIPPED_WEIGHTS.setdefault(sc, {})
-        if path not in shipped:
-            shipped[path] = backbones.file_sha256(path)
-            ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
-            if ship and not sc.master.startswith("local"):
-                sc.addFile(path)
-        return path, shipped[path]
+        return path, runtime.ship_file(spark.sparkContext, path)
 
     def _origin_column(self, dataset: DataFrame) -> Column:
         """What names each image in error messages: ``originCol``, else the struct's origin."""

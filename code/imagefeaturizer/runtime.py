@@ -8,8 +8,9 @@
   task's cores (:func:`configure_threads`), GPU memory growth (:func:`configure_gpus`), and after
   the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each
   batch.
-- :func:`local_weights`: the weights file as this machine sees it, checked against the driver's
-  sha256.
+- :func:`ship_file` (driver) and :func:`local_file` / :func:`local_weights` (executor): a file of
+  the driver (weights, a trained model) shipped to executors off local mode, as this machine sees
+  it, checked against the driver's sha256.
 - :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time
   (decode every image, then fetch the extractor and predict).
 
@@ -22,6 +23,7 @@ import gc
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -96,7 +98,7 @@ def prepare(image, backbone: backbones.Backbone) -> np.ndarray:
 MAX_EXTRACTORS = 2
 """Extractors kept per process (a backbone holds hundreds of MB); the least recently used goes first."""
 
-_EXTRACTORS: dict[tuple, FeatureExtractor] = {}  # insertion order = use order, last = newest
+_EXTRACTORS: dict[tuple, object] = {}  # extractors and Keras models; insertion order = use order, last = newest
 _LOCK = threading.Lock()
 
 
@@ -114,18 +116,40 @@ def get_extractor(
     what exists is frozen (:func:`freeze_in_spark_worker`).
     """
     key = (model_name, weights_path, pooling, weights_sha256, engine)
+    return _cached(key, lambda: FeatureExtractor(model_name, local_weights(weights_path, weights_sha256),
+                                                 pooling, engine))
+
+
+def get_keras_model(path: str, sha256: str | None):
+    """A saved Keras model (``.keras``, e.g. a trained classifier) loaded once per process, in the
+    same cache as the extractors; ``path`` is the driver's, shipped ``by_content`` off local mode
+    (:func:`ship_file`, :func:`local_file`)."""
+    shipped_name = content_name(path, sha256) if sha256 else None
+
+    def load():
+        from .networks import preprocess_layer_class
+        import keras
+
+        preprocess_layer_class()  # registered before loading: saved networks use it
+        return keras.saving.load_model(local_file(path, sha256, shipped_name, what="model file"), compile=False)
+
+    return _cached(("keras-model", path, sha256), load)
+
+
+def _cached(key: tuple, build):
+    """The cached item for ``key``, built on first use after the process set-up (threads, GPUs),
+    the least recently used item evicted when the cache is full."""
     with _LOCK:
-        extractor = _EXTRACTORS.pop(key, None)
-        if extractor is None:
+        item = _EXTRACTORS.pop(key, None)
+        if item is None:
             configure_threads()
-            local = local_weights(weights_path, weights_sha256)
             if len(_EXTRACTORS) >= MAX_EXTRACTORS:
                 _evict_oldest()
             configure_gpus()  # before the model is built: memory growth must come first
-            extractor = FeatureExtractor(model_name, local, pooling, engine)
+            item = build()
             freeze_in_spark_worker()
-        _EXTRACTORS[key] = extractor
-        return extractor
+        _EXTRACTORS[key] = item
+        return item
 
 
 def _evict_oldest() -> None:
@@ -229,43 +253,97 @@ def drop_zip_finders() -> None:
 
 
 def local_weights(weights_path: str | None, weights_sha256: str | None) -> str | None:
-    """The weights file as this process sees it, checked against the driver's sha256.
+    """The weights file as this process sees it, checked against the driver's sha256
+    (:func:`local_file`); None for random weights."""
+    return None if weights_path is None else local_file(weights_path, weights_sha256)
+
+
+def local_file(driver_path: str, sha256: str | None, shipped_name: str | None = None,
+               what: str = "weights file") -> str:
+    """A file of the driver as this process sees it, checked against the driver's sha256.
 
     The driver's path when it is readable here (same machine, or storage every node mounts at
-    the same path), else the copy the driver shipped through SparkFiles. A missing file or one
-    whose sha256 differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
+    the same path), else the copy the driver shipped through SparkFiles (:func:`ship_file`;
+    named ``shipped_name``, default the file's name). A missing file or one whose sha256 differs
+    from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
     """
-    if weights_path is None:
-        return None
     import socket
 
     host = socket.gethostname()
-    path = weights_path if os.path.isfile(weights_path) else _shipped_copy(weights_path)
+    path = driver_path if os.path.isfile(driver_path) else _shipped_copy(shipped_name or os.path.basename(driver_path))
     if not os.path.isfile(path):
         raise backbones.WeightsError(
-            f"weights file {weights_path} is not readable on {host} and no copy was shipped: put it "
+            f"{what} {driver_path} is not readable on {host} and no copy was shipped: put it "
             f"on storage every node reads at the same path, or let the driver ship it "
             f"({SHIP_WEIGHTS_CONF} unset or true)"
         )
-    if weights_sha256:
+    if sha256:
         actual = backbones.file_sha256(path)
-        if actual != weights_sha256:
+        if actual != sha256:
             raise backbones.WeightsError(
-                f"weights file {path} on {host} does not match the driver's copy (sha256 {actual[:16]}..., "
-                f"driver {weights_sha256[:16]}...): make every node read the same file, or let the driver "
+                f"{what} {path} on {host} does not match the driver's copy (sha256 {actual[:16]}..., "
+                f"driver {sha256[:16]}...): make every node read the same file, or let the driver "
                 f"ship it"
             )
     return path
 
 
-def _shipped_copy(weights_path: str) -> str:
-    """Where SparkFiles put the driver's copy of ``weights_path`` here ("" outside Spark)."""
+def _shipped_copy(name: str) -> str:
+    """Where SparkFiles put the driver's copy of the file ``name`` here ("" outside Spark)."""
     from pyspark import SparkFiles
 
     try:
-        return SparkFiles.get(os.path.basename(weights_path))
+        return SparkFiles.get(name)
     except Exception:  # noqa: BLE001 - no SparkFiles root: not in a Spark process
         return ""
+
+
+# Per SparkContext (dropped with it): (path, size, mtime, by content) -> sha256, for files
+# already hashed and shipped.
+_SHIPPED: "weakref.WeakKeyDictionary[object, dict[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def content_name(path: str, sha256: str) -> str:
+    """The name a file shipped ``by_content`` has on executors: its sha256 prefix and its name."""
+    return f"{sha256[:16]}-{os.path.basename(path)}"
+
+
+def ship_file(sc, path: str, by_content: bool = False) -> str:
+    """The sha256 of a driver file, computed once per SparkContext (and file version).
+
+    Off local mode the file is also shipped to every executor (``SparkContext.addFile``, each
+    executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights`` is
+    ``false`` because the path is on storage every node reads. ``by_content``: shipped under
+    :func:`content_name` (files of one name from several folders, e.g. ``model.keras``).
+    Executors find and check it with :func:`local_file`.
+    """
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, by_content)
+    known = _SHIPPED.setdefault(sc, {})
+    if key not in known:
+        known[key] = sha = backbones.file_sha256(path)
+        ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
+        if ship and not sc.master.startswith("local"):
+            sc.addFile(_named_copy(path, content_name(path, sha)) if by_content else path)
+    return known[key]
+
+
+def _named_copy(path: str, name: str) -> str:
+    """A copy of ``path`` named ``name``, one path per name in this process (Spark refuses a
+    second file of one name from another path); removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), f"imagefeaturizer-ship-{os.getpid()}")
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        atexit.register(shutil.rmtree, folder, True)
+    copy = os.path.join(folder, name)
+    if not os.path.isfile(copy):
+        shutil.copyfile(path, copy + ".tmp")
+        os.replace(copy + ".tmp", copy)
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,16 +394,23 @@ def featurize_series(task: FeaturizeTask, images: pd.Series | pd.DataFrame, orig
 
 
 def _decode_batch(task: FeaturizeTask, records: list, origins: pd.Series) -> tuple[list[np.ndarray], list[int]]:
-    """The valid images, prepared for the backbone, and their rows; raises for an invalid one
-    unless ``skip``."""
-    backbone = backbones.get_backbone(task.model_name)
+    """The valid images, prepared for the backbone, and their rows."""
+    size = backbones.get_backbone(task.model_name).input_size
+    return decode_batch(records, origins, size, task.max_pixels, task.handle_invalid)
+
+
+def decode_batch(records: list, origins: pd.Series, size: int, max_pixels: int,
+                 handle_invalid: str) -> tuple[list[np.ndarray], list[int]]:
+    """The valid images of a batch as uint8 (size, size, 3) RGB arrays, and their rows; an invalid
+    image raises unless ``handle_invalid`` is ``skip``. ``origins`` name the images in errors."""
     arrays, keep = [], []
     for i, (record, origin) in enumerate(zip(records, origins)):
         origin = origin if isinstance(origin, str) and origin else f"row {i} of its batch"
         try:
-            arrays.append(prepare(decode_record(record, max_pixels=task.max_pixels, origin=origin), backbone))
+            image = decode_record(record, max_pixels=max_pixels, origin=origin)
+            arrays.append(np.asarray(resize_pil(image, (size, size)), dtype=np.uint8))
             keep.append(i)
         except InvalidImageError:
-            if task.handle_invalid == "error":
+            if handle_invalid == "error":
                 raise
     return arrays, keep

@@ -14,11 +14,13 @@ from typing import Any
 import yaml
 
 from imagefeaturizer.backbones import BACKBONES, POOLINGS
+from imagefeaturizer.networks import SCRATCH_MODELS
 
 from .errors import ConfigError
 
 HANDLE_INVALID = ("error", "skip")
 JOBS = ("experiment", "resize", "download")
+TRAIN = ("probe", "finetune", "scratch")  # frozen backbone + LogisticRegression | fine-tune a backbone | SmallCNN
 
 
 class OpenMap(dict):
@@ -75,7 +77,7 @@ _CLASSIFIER = {  # Spark ML LogisticRegression
 
 SCHEMA: dict[str, Any] = {
     "job": _choice(*JOBS),
-    "model": _choice(*BACKBONES),
+    "model": _choice(*BACKBONES, *SCRATCH_MODELS),
     "task": _text,  # checked against `tasks` once merged
     "weights": _text,
     "pooling": _choice(*POOLINGS),
@@ -100,6 +102,20 @@ SCHEMA: dict[str, Any] = {
         **_CLASSIFIER,
         "grid": {k: _list_of(rule) for k, rule in _CLASSIFIER.items()},  # candidates: the tuned head
     },
+    "train": _choice(*TRAIN),
+    "training": {  # train: finetune | scratch
+        "epochs": _typed(int, minimum=1),
+        "batch_size": _typed(int, minimum=1),
+        "learning_rate": _typed(float, minimum=1e-12),
+        "finetune_learning_rate": _typed(float, minimum=1e-12),
+        "patience": _typed(int, minimum=1),
+        "validation_fraction": _typed(float, minimum=0.01, maximum=0.9),
+        "augment": _typed(bool),
+        "class_weights": _typed(bool),
+        "dropout": _typed(float, minimum=0.0, maximum=1.0, exclusive_max=True),
+        "image_size": _typed(int, minimum=0, maximum=4096),
+    },
+    "finetune": {"unfreeze": _typed(int, minimum=0)},
     "spark": {
         "master": _text,
         "app_name": _text,
@@ -270,7 +286,18 @@ class Config:
                     f"{self.path} [{name}]: unknown task {settings['task']!r}: expected one of {', '.join(self.tasks)}"
                 )
             classes = list(self.tasks[settings["task"]])
+            _check_model(f"{self.path} [{name}]", settings)
         return Experiment(name, settings, classes, os.path.dirname(os.path.abspath(self.path)))
+
+
+def _check_model(where: str, settings: dict) -> None:
+    """A backbone for ``train: probe|finetune``, a network of its own for ``train: scratch``."""
+    train, model = settings.get("train", "probe"), settings["model"]
+    if train == "scratch" and model not in SCRATCH_MODELS:
+        raise ConfigError(f"{where}: train: scratch needs model: {' | '.join(SCRATCH_MODELS)}, got {model!r}")
+    if train != "scratch" and model not in BACKBONES:
+        raise ConfigError(f"{where}: model {model!r} is trained from scratch: set train: scratch, or choose a "
+                          f"backbone ({', '.join(BACKBONES)})")
 
 
 def load_config(path: str = "config.yaml") -> Config:

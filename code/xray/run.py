@@ -110,6 +110,8 @@ def check_before_spark(exp: Experiment, log) -> None:
     ignored = describe_ignored(list_dataset(exp.raw_dir, exp.classes))
     if ignored:
         log(ignored)
+    if exp.model not in backbones.BACKBONES:
+        return  # a network trained from scratch: no weights
     backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")

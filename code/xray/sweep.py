@@ -5,7 +5,8 @@ and its SparkSession: featurization one experiment after the other, in config or
 once per backbone; the fits and reports of up to :data:`HEAD_THREADS` experiments alongside. A
 failing experiment is recorded with a one-line reason and the others still run. After each
 experiment ``results/summary.md``, ``results/summary.csv`` and ``results/summary.png`` are
-rewritten (atomically), so an interrupted sweep keeps what it finished. Exit code 0 when every
+rewritten (atomically), so an interrupted sweep keeps what it finished. Experiments that train a
+network (``train: finetune|scratch``) featurize nothing: each trains in its turn, on this thread. Exit code 0 when every
 experiment succeeded, 1 otherwise.
 """
 
@@ -25,6 +26,7 @@ from .atomic import write_text_atomic
 from .config import Config, ConfigError, parse_set
 from .errors import UserError, worker_error_message
 from .run import fit_and_report, prepare_features
+from .training import is_trained, run_training
 
 ERROR_LOG = "error.log"
 DEFAULT_PATTERN = "*_classification"
@@ -84,7 +86,7 @@ def _later_classes(config: Config, names: list[str], overrides: list[str]) -> li
     for name in names:
         try:
             exp = config.experiment(name, overrides)
-            keys.append((_feature_key(exp), list(exp.classes)))
+            keys.append((None if is_trained(exp) else _feature_key(exp), list(exp.classes)))
         except Exception:  # noqa: BLE001 - a broken entry fails on its own turn, with its message
             keys.append((None, []))
     return [sorted({c for key, classes in keys[i + 1:] if key == keys[i][0] and key is not None for c in classes})
@@ -113,7 +115,11 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
             for i, name in enumerate(names):
                 log(f"[{i + 1}/{len(names)}] {name}")
                 try:
-                    prepared = prepare_features(config.experiment(name, overrides), log=log, also_classes=later[i])
+                    exp = config.experiment(name, overrides)
+                    if is_trained(exp):  # trains on every core, in this thread; fits queued so far go on
+                        _record(board, i, exp.results_dir, lambda: run_training(exp, log=log))
+                        continue
+                    prepared = prepare_features(exp, log=log, also_classes=later[i])
                 except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
                     board.failed(i, exc)
                     continue
@@ -128,12 +134,18 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
 def _fit_and_record(board: "_Board", i: int, prepared) -> None:
     """On a fitting thread: the second half of one experiment, its result onto the board."""
     name = board.names[i]
+    _record(board, i, prepared.exp.results_dir,
+            lambda: fit_and_report(prepared, log=lambda line: board.log(f"[{name}] {line}")))
+
+
+def _record(board: "_Board", i: int, results_dir: str, work: Callable[[], dict]) -> None:
+    """Run one experiment's ``work``; its metrics (or its failure) onto the board."""
     try:
-        metrics = fit_and_report(prepared, log=lambda line: board.log(f"[{name}] {line}"))
+        metrics = work()
     except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
         board.failed(i, exc)
     else:
-        board.succeeded(i, metrics, prepared.exp.results_dir)
+        board.succeeded(i, metrics, results_dir)
 
 
 class _Board:
