@@ -6,6 +6,7 @@ set -euo pipefail
 # Work from the repository root (the directory of this script), wherever it is called from,
 # so that relative paths in config.yaml resolve against the repo root.
 ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+export XRAY_CALLER_CWD="$PWD" # relative --config paths are the caller's
 cd "$ROOT"
 
 PROG="wrapper.sh"
@@ -13,7 +14,11 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" # quiet TensorFlow's C+
 
 usage() {
     cat <<'EOF'
-Usage: ./wrapper.sh <command> [args...]
+Usage: ./wrapper.sh [--config PATH] <command> [args...]
+
+Options (before or after the command; for every experiment command):
+  --config PATH                the config file (default: config.yaml of this folder; a relative
+                               PATH is relative to the current folder). XRAY_CONFIG=PATH does the same.
 
 Environment:
   env-setup [--force]          create or update the Python environment (idempotent):
@@ -26,8 +31,11 @@ Experiments (run `python -m xray <command>` inside the environment):
   sweep [pattern]              run every experiment whose name matches pattern
   predict <experiment-or-model-dir> <image-or-folder>
                                classify one image or every image in a folder
+  explain <experiment-or-model-dir> <image-or-folder> [--output DIR] [--class NAME]
+                               class activation maps: where the model looks, per image
   cluster start [--workers N] | cluster stop
                                start or stop a local Spark standalone cluster
+  mlflow-ui [--port 5000]      open the MLflow UI on the tracking store (tracking.uri), on 127.0.0.1
 Tests:
   test [pytest args...]        run the test suite (e.g. `test -m 'not slow'`, `test -k resize`)
 Other:
@@ -134,7 +142,7 @@ create_or_update_env() {
         "$ENV_PY" -m pip install --disable-pip-version-check -r "$ROOT/requirements.txt"
     fi
     # Quick smoke test of the pinned stack before declaring the env good.
-    "$ENV_PY" -c 'import pyspark, numpy, pandas, pyarrow, PIL, yaml, keras' \
+    "$ENV_PY" -c 'import pyspark, numpy, pandas, pyarrow, PIL, yaml, keras, mlflow' \
         || die "the environment in $ENV_DIR installed but its packages do not import"
     sha256_of_inputs >"$STAMP"
 }
@@ -220,6 +228,40 @@ prepare_exec() {
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
+# Options before the command, for every xray command (python -m xray reads XRAY_CONFIG; after
+# the command, --config goes to it as it is).
+usage_error() {
+    echo "$PROG: $*" >&2
+    usage >&2
+    exit 2
+}
+
+set_config() {
+    [[ -n "$1" ]] || usage_error "--config needs a path"
+    if [[ "$1" == /* ]]; then
+        export XRAY_CONFIG="$1"
+    else
+        export XRAY_CONFIG="$XRAY_CALLER_CWD/$1"
+    fi
+}
+
+config_option=0
+while (($#)); do
+    case "$1" in
+        --config)
+            (($# >= 2)) || usage_error "--config needs a path"
+            set_config "$2"
+            shift 2
+            ;;
+        --config=*)
+            set_config "${1#--config=}"
+            shift
+            ;;
+        *) break ;;
+    esac
+    config_option=1
+done
+
 if (($# == 0)); then
     usage >&2
     exit 2
@@ -227,6 +269,9 @@ fi
 
 cmd="$1"
 shift
+if ((config_option)) && [[ "$cmd" =~ ^(env-setup|test)$ ]]; then
+    usage_error "--config is for the experiment commands, not '$cmd'"
+fi
 case "$cmd" in
     -h | --help | help)
         usage
@@ -238,7 +283,11 @@ case "$cmd" in
         prepare_exec nojava
         exec "$ENV_PY" -m xray list "$@"
         ;;
-    run | sweep | predict | cluster)
+    mlflow-ui)
+        prepare_exec nojava
+        exec "$ENV_PY" -m xray mlflow-ui "$@"
+        ;;
+    run | sweep | predict | explain | cluster)
         prepare_exec
         exec "$ENV_PY" -m xray "$cmd" "$@"
         ;;

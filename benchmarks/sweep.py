@@ -231,19 +231,20 @@ def single_pass(experiment: str, overrides: list[str], classes: list[str]) -> di
     from imagefeaturizer.featurizer import KerasImageFeaturizer
     from xray.config import load_config
     from xray.data import load_images
+    from xray.resize import resized_images
     from xray.session import spark_session
 
     exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(experiment, overrides)
     settings = {"spark": dict(exp.settings["spark"], app_name="sweep-benchmark-pass")}
-    resized = exp.resized_dir
-    paths = [r.path for r in load_images(spark_session(settings), resized, classes).select("path").collect()]
+    files = resized_images(exp.resized_dir, classes, log=lambda line: None)
+    paths = [r.path for r in load_images(spark_session(settings), files).select("path").collect()]
     spark = cold_workers_warm_jvm(settings, paths)
     n = len(paths)
     featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName=exp.model,
                                       weights=exp.weights, pooling=exp["pooling"], batchSize=exp["batch_size"],
                                       handleInvalid=exp["handleInvalid"], maxImagePixels=exp["max_image_pixels"])
     start = time.perf_counter()
-    featurizer.transform(load_images(spark, resized, classes)).select("path", "features") \
+    featurizer.transform(load_images(spark, files)).select("path", "features") \
         .write.format("noop").mode("overwrite").save()
     seconds = time.perf_counter() - start
     spark.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +18,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CODE, os.environ.get("PYT
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.pop("XRAY_CONFIG", None)  # tests name their config files themselves
+# Exported models (engine auto/openvino) go where runs put them, cache/models of the repository
+# (git-ignored), for the library's default too: each backbone is exported once, not once per test.
+MODEL_CACHE = os.environ.setdefault("IMAGEFEATURIZER_MODEL_CACHE", os.path.join(ROOT, "cache", "models"))
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
 
@@ -40,6 +45,18 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+class FakeSession:
+    """What the library ships through, of a classic SparkSession: ``conf.get`` and ``addArtifacts``."""
+
+    def __init__(self, master: str = "spark://10.0.0.1:7077", conf: dict | None = None, app_id: str = "app-1"):
+        self.settings = {"spark.master": master, "spark.app.id": app_id, **(conf or {})}
+        self.conf = types.SimpleNamespace(get=lambda key, default=None: self.settings.get(key, default))
+        self.artifacts: list[tuple[str, str]] = []  # (path, "file" | "pyfile")
+
+    def addArtifacts(self, *paths: str, pyfile: bool = False, file: bool = False) -> None:  # noqa: N802 - Spark's name
+        self.artifacts += [(p, "pyfile" if pyfile else "file") for p in paths]
 
 
 def xray_like(kind: int, seed: int, size=(64, 48), mode="L"):
@@ -81,6 +98,35 @@ def make_dataset(root, classes=("Covid-19", "No_findings", "Pneumonia"), per_cla
             else:
                 image.save(os.path.join(folder, f"img{i}.png"))
     return root
+
+
+def tiny_overrides(out, raw, *extra: str) -> list[str]:
+    """``--set`` assignments of a small, quick experiment on generated images, written under ``out``."""
+    return [
+        "weights=random",
+        f"dataset.raw_dir={raw}",
+        f"dataset.resized_dir={os.path.join(str(out), 'resized')}",
+        "dataset.image_size=64",
+        f"results_dir={os.path.join(str(out), 'results')}",
+        f"cache_dir={os.path.join(str(out), 'cache')}",
+        "test_fraction=0.34",
+        "batch_size=8",
+        *extra,
+    ]
+
+
+def cached_features(out) -> dict[str, np.ndarray]:
+    """sha256 of each image -> its feature vector, from the feature cache under ``out``."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    found = {}
+    for part in glob.glob(os.path.join(str(out), "cache", "*", "part-*")):
+        table = pq.read_table(part).to_pydict()
+        for sha, vector in zip(table["sha256"], table["features"]):
+            found[sha] = np.asarray(vector["values"], dtype=np.float64)
+    return found
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ def test_features_equal_keras_own_pipeline(name, tmp_path):
         weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
     )
     assert reference.get_layer(entry.map_layer).output.shape[1:] == entry.map_shape
+    assert backbones.weights_signature(w.shape for w in reference.weights) == entry.weights  # what its files hold
     reference.set_weights(extractor.engine.model.get_weights())
     pixels = keras.utils.img_to_array(
         keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear")
@@ -80,6 +81,66 @@ def test_weights_file_round_trip_and_mismatch(tmp_path):
         np.testing.assert_array_equal(wa, wb)
     with pytest.raises(backbones.WeightsError, match="does not fit ResNet50"):
         backbones.build_model("ResNet50", path)
+
+
+def _no_model_built(*args, **kwargs):
+    raise AssertionError("the weights check built a model")
+
+
+def test_weights_files_are_checked_without_building_a_model(tmp_path, monkeypatch):
+    """VGG16 weights given to ResNet50, a garbage file, a truncated one: found on the spot, in one
+    line naming the fix; the legacy .h5 layout of Keras' ImageNet files passes, and loads."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = backbones.build_model("VGG16", None, pooling=None)
+    vgg, legacy = str(tmp_path / "vgg16.weights.h5"), str(tmp_path / "vgg16_notop.h5")
+    model.save_weights(vgg)
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    garbage, truncated = tmp_path / "garbage.h5", tmp_path / "truncated.h5"
+    garbage.write_bytes(b"not weights at all" * 64)
+    truncated.write_bytes(open(vgg, "rb").read()[: 1 << 20])
+
+    monkeypatch.setattr(backbones, "build_model", _no_model_built)
+    assert backbones.resolve_weights("VGG16", vgg) == vgg and backbones.resolve_weights("VGG16", legacy) == legacy
+    cases = [
+        ("ResNet50", vgg, "does not fit ResNet50 without its top: it holds 26 weight arrays (14,714,688 values), "
+                          "those of VGG16 without its top; ResNet50 has 318"),
+        ("ResNet50", str(garbage), "is not a Keras weights file (not HDF5)"),
+        ("VGG16", str(truncated), "is a damaged HDF5 file"),
+    ]
+    for name, path, reason in cases:
+        with pytest.raises(backbones.WeightsError) as info:
+            backbones.resolve_weights(name, path)
+        message = str(info.value)
+        assert reason in message and message.endswith(f"give the weights file of {name} without its top "
+                                                      f"(include_top=False), or 'imagenet' or 'random'")
+        assert "\n" not in message
+    monkeypatch.undo()
+    loaded = backbones.build_model("VGG16", legacy, pooling=None)  # what passes the check loads
+    for wa, wb in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_the_weights_verdict_is_kept_per_content(tmp_path, monkeypatch):
+    import h5py
+
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.zeros((3, 4), np.float32))
+    reads = []
+    real = backbones.file_weight_shapes
+    monkeypatch.setattr(backbones, "file_weight_shapes", lambda p: reads.append(p) or real(p))
+    for _ in range(3):  # a sweep's experiments: one read of the file
+        with pytest.raises(backbones.WeightsError, match="it holds 1 weight arrays \\(12 values\\); VGG19 has 32"):
+            backbones.resolve_weights("VGG19", str(path))
+    assert len(reads) == 1
+    with h5py.File(path, "a") as f:  # new content: checked again
+        f.create_dataset("layers/dense/vars/1", data=np.zeros((4,), np.float32))
+    with pytest.raises(backbones.WeightsError, match="it holds 2 weight arrays \\(16 values\\)"):
+        backbones.resolve_weights("VGG19", str(path))
+    assert len(reads) == 2
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

@@ -81,3 +81,21 @@ def test_summary_chart(tmp_path):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "binary" in legend and "multiclass" in legend
     assert any(t.startswith("binary: majority-class baseline 0.57") for t in legend)
+
+
+def test_cam_overlay_png_and_gallery(tmp_path):
+    image = np.tile(np.arange(0, 250, 5, dtype=np.uint8), (40, 1))  # 40 x 50, a grey ramp
+    cam = np.zeros((40, 50), np.float32)
+    cam[5:15, 30:45] = 4.0  # hot at the top right
+    overlay = charts.heat_overlay(image, cam)
+    assert overlay.shape == (40, 50, 3) and overlay.dtype == np.uint8
+    assert overlay[10, 40, 0] > overlay[10, 40, 2] and overlay[30, 10, 2] > overlay[30, 10, 0]  # red hot, blue cold
+    charts.cam_png(image, cam, ["a/scan.png", "predicted X: X 0.9, Y 0.1"], (0.75, 0.25), str(tmp_path / "one.png"))
+    width, height = _is_png(tmp_path / "one.png")
+    assert width >= charts.CAM_PNG_MIN_SIDE and height > charts.CAM_PNG_MIN_SIDE * 40 / 50
+    panels = [{"overlay": overlay, "label": f"true X\npredicted {p}", "correct": p == "X"} for p in "XXY"]
+    fig = charts.cam_gallery_chart(panels, "gallery", str(tmp_path / "gallery.png"))
+    _is_png(tmp_path / "gallery.png")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["true X\npredicted X"] * 2 + ["true X\npredicted Y"]
+    charts.cam_gallery_chart([], "nothing", str(tmp_path / "empty.png"))
+    _is_png(tmp_path / "empty.png")

@@ -6,11 +6,14 @@ wrapper.sh in a subprocess.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 from pyspark.sql import SparkSession
 
 from conftest import ROOT, make_dataset
-from xray.cli import main
+from xray.cli import COMMANDS, main
 
 FIVE = "InceptionV3, ResNet50, VGG16, VGG19, Xception"
 
@@ -29,6 +32,37 @@ def _unknown_key_file(tmp_path) -> str:
 
 def _one_class(tmp_path) -> str:
     return make_dataset(tmp_path / "raw", classes=("Covid-19",), per_class=1)
+
+
+def _one_covid_image(tmp_path) -> str:
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=4)
+    for name in sorted(os.listdir(os.path.join(raw, "Covid-19")))[1:]:
+        os.unlink(os.path.join(raw, "Covid-19", name))
+    return raw
+
+
+def _latin1_config(tmp_path) -> str:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("defaults:\n  weights: random  # café\n".encode("latin-1"))
+    return str(path)
+
+
+def _garbage_weights(tmp_path) -> str:
+    path = tmp_path / "garbage.h5"
+    path.write_bytes(b"\x00garbage" * 100)
+    return str(path)
+
+
+def _other_weights(tmp_path) -> str:
+    """An HDF5 weights file of another network (two arrays)."""
+    import h5py
+    import numpy as np
+
+    path = tmp_path / "other.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.zeros((8, 2), np.float32))
+        f.create_dataset("layers/dense/vars/1", data=np.zeros((2,), np.float32))
+    return str(path)
 
 
 CASES = {
@@ -65,6 +99,31 @@ CASES = {
         ["lacks class folder(s) Pneumonia needed by the task"],
     ),
     "missing config": (lambda t: ["--config", str(t / "none.yaml"), "list"], ["none.yaml' not found"]),
+    "missing config after the command": (
+        lambda t: ["list", "--config", str(t / "none.yaml")], ["none.yaml' not found: give an existing file with --config"]
+    ),
+    "config not UTF-8": (
+        lambda t: ["list", "--config", _latin1_config(t)], ["latin1.yaml is not UTF-8 text (byte 0xe9", "save it as UTF-8"]
+    ),
+    "spark.conf as a value": (
+        lambda t: ["run", "dataset_resize", "--set", "spark.conf=1"], ["'spark.conf' is a section of Spark settings"]
+    ),
+    "garbage weights file": (
+        lambda t: ["run", "ResNet50_binary_classification", "--set", f"dataset.raw_dir={make_dataset(t / 'raw')}",
+                   "--set", f"weights={_garbage_weights(t)}"],
+        ["garbage.h5' is not a Keras weights file (not HDF5): give the weights file of ResNet50 without its top"],
+    ),
+    "weights of another network": (
+        lambda t: ["run", "ResNet50_binary_classification", "--set", f"dataset.raw_dir={make_dataset(t / 'raw')}",
+                   "--set", f"weights={_other_weights(t)}"],
+        ["does not fit ResNet50 without its top: it holds 2 weight arrays (18 values); ResNet50 has 318"],
+    ),
+    "a class with one image": (
+        lambda t: ["run", "VGG16_binary_classification", "--set", "weights=random",
+                   "--set", f"dataset.raw_dir={_one_covid_image(t)}", "--set", "cv_folds=3"],
+        ["class Covid-19 needs at least 4 images", "Covid-19 has 1: the test split takes at least one",
+         "3 for training (cv_folds=3)"],
+    ),
 }
 
 
@@ -85,3 +144,47 @@ def test_one_line_error_exit_2(tmp_path, case, monkeypatch, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+# An error as Spark hands it over from a Python worker: the Java text with the worker's traceback.
+_WORKER_TRACEBACK = """An error occurred while calling o161.parquet.
+: org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 3.0 failed 1 times
+org.apache.spark.api.python.PythonException: Traceback (most recent call last):
+  File "/x/imagefeaturizer/runtime.py", line 130, in get_extractor
+    raise backbones.WeightsError(message)
+{error}
+\tat org.apache.spark.api.python.BasePythonRunner$ReaderIterator.handlePythonException(PythonRunner.scala:581)
+"""
+
+
+@pytest.mark.parametrize("error, code, line", [
+    ("imagefeaturizer.backbones.WeightsError: weights file /w.h5 does not fit ResNet50 without its top", 2,
+     "error: weights file /w.h5 does not fit ResNet50 without its top (details: "),
+    ("MemoryError: cannot allocate 1.5 GiB", 1, "error: MemoryError: cannot allocate 1.5 GiB (traceback: "),
+])
+def test_errors_from_spark_workers_are_one_line_naming_the_log(tmp_path, monkeypatch, capsys, error, code, line):
+    def from_a_worker(args):
+        warnings.warn("toPandas attempted Arrow optimization ... \n\tat org.apache.spark.Foo")  # as PySpark does
+        raise RuntimeError(_WORKER_TRACEBACK.format(error=error))
+
+    monkeypatch.setitem(COMMANDS, "run", from_a_worker)
+    assert main(["run", "VGG16_binary_classification", "--set", f"results_dir={tmp_path}"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(line), err
+    log = err.strip().rsplit(" ", 1)[-1].rstrip(")")
+    assert os.path.dirname(log) == str(tmp_path / "logs")
+    text = open(log, encoding="utf-8").read()
+    assert "PythonRunner.scala" in text and "toPandas attempted" in text  # the details are kept there
+
+
+def test_old_command_logs_are_pruned_and_nothing_else(tmp_path, monkeypatch, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = [logs / f"run-20260101-0000{i:02d}-{100 + i}.log" for i in range(25)]
+    for i, path in enumerate(old):
+        path.write_text("old")
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))  # days ago, in order
+    (logs / "VGG16_binary_classification-error.log").write_text("a sweep's traceback")
+    os.utime(logs / "VGG16_binary_classification-error.log", (1_600_000_000, 1_600_000_000))
+    assert main(["run", "NoSuchExperiment", "--set", f"results_dir={tmp_path}"]) == 2
+    assert sorted(os.listdir(logs)) == sorted([p.name for p in old[5:]] + ["VGG16_binary_classification-error.log"])

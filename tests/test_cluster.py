@@ -21,17 +21,15 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import uuid
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import CODE, ROOT, make_dataset, xray_like
+from conftest import CODE, ROOT, FakeSession, cached_features, make_dataset, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
-from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF
+from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF, shipped_name
 from imagefeaturizer.runtime import local_weights as _local_weights
 from xray import cluster
 from xray.cli import main as xray_main
@@ -98,21 +96,6 @@ def test_executor_rejects_a_tampered_or_missing_copy(spark, tmp_path):
         _local_weights(never_shipped, "f" * 64)
 
 
-class _FakeContext:
-    """Just what ``_resolved_weights`` uses of a SparkContext."""
-
-    def __init__(self, master: str, conf: dict[str, str] | None = None):
-        self.master = master
-        self.added: list[str] = []
-        self._conf = conf or {}
-
-    def addFile(self, path: str) -> None:  # noqa: N802 - Spark's name
-        self.added.append(path)
-
-    def getConf(self):  # noqa: N802 - Spark's name
-        return types.SimpleNamespace(get=lambda key, default=None: self._conf.get(key, default))
-
-
 @pytest.mark.parametrize(
     "master, conf, ships",
     [
@@ -121,14 +104,18 @@ class _FakeContext:
         ("local[2]", {}, False),
     ],
 )
-def test_driver_ships_weights_off_local_mode_once(tmp_path, master, conf, ships):
+def test_driver_ships_weights_off_local_mode_once(tmp_path, monkeypatch, master, conf, ships):
+    monkeypatch.setattr(backbones, "check_weights_file", lambda *args: None)  # a stand-in file (tested in test_backbones)
     path = _weights_file(tmp_path)
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
-    sc = _FakeContext(master, conf)
-    fake_spark = types.SimpleNamespace(sparkContext=sc)
+    fake_spark = FakeSession(master, conf, app_id=f"app-{uuid.uuid4().hex}")
     for _ in range(2):
         assert featurizer._resolved_weights(fake_spark) == (path, backbones.file_sha256(path))
-    assert sc.added == ([path] if ships else [])
+    shipped = [p for p, kind in fake_spark.artifacts if kind == "file"]
+    assert len(shipped) == (1 if ships else 0)
+    for copy in shipped:  # the same file (a hard link, or a copy), named by its sha256
+        assert backbones.file_sha256(copy) == backbones.file_sha256(path)
+        assert os.path.basename(copy) == shipped_name(path, backbones.file_sha256(path))
     random = KerasImageFeaturizer(modelName="ResNet50", weights="random")
     assert random._resolved_weights(fake_spark) == (None, None)
 
@@ -296,16 +283,6 @@ def _finish(proc: subprocess.Popen, out) -> dict:
     return metrics
 
 
-def _features(out) -> dict[str, np.ndarray]:
-    """sha256 of each image -> its cached feature vector."""
-    found = {}
-    for part in glob.glob(str(out / "cache" / "*" / "part-*")):
-        table = pq.read_table(part).to_pydict()
-        for sha, vector in zip(table["sha256"], table["features"]):
-            found[sha] = np.asarray(vector["values"], dtype=np.float64)
-    return found
-
-
 def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
     """Same split, same metrics, same features (up to float noise between processes)."""
     for key in ("n_images", "n_train", "n_test", "classes", "split", "confusion_matrix"):
@@ -315,7 +292,11 @@ def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
     for cls, values in want["per_class"].items():
         assert got["per_class"][cls] == pytest.approx(values, abs=1e-9), cls
     assert got["roc"]["auc"] == pytest.approx(want["roc"]["auc"], abs=1e-6)
-    got_f, want_f = _features(out_got), _features(out_want)
+    # The class activation maps of the test images were computed on the executors too.
+    for cls, values in want["explanations"]["per_class"].items():
+        assert got["explanations"]["per_class"][cls] == pytest.approx(values, abs=1e-3), cls
+    assert (out_got / "results" / EXPERIMENT / "cam_gallery.png").is_file()
+    got_f, want_f = cached_features(out_got), cached_features(out_want)
     assert len(want_f) == want["n_images"] and set(got_f) == set(want_f)
     for sha, vector in want_f.items():
         np.testing.assert_allclose(got_f[sha], vector, rtol=1e-4, atol=1e-4)
@@ -418,8 +399,9 @@ def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(cluster
     # Each executor that ran a task fetched the copy into its working folder, byte for byte.
     executors = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", remote["app_id"], "*"))
     assert executors and not any(os.path.exists(os.path.join(e, relative)) for e in executors)
-    copies = [c for c in (os.path.join(e, os.path.basename(relative)) for e in executors) if os.path.isfile(c)]
     driver_sha = backbones.file_sha256(str(driver_dir / relative))
+    shipped_as = shipped_name(relative, driver_sha)  # named by its sha256: no clash with another file's name
+    copies = [c for c in (os.path.join(e, shipped_as) for e in executors) if os.path.isfile(c)]
     assert copies and {backbones.file_sha256(c) for c in copies} == {driver_sha}
 
 
@@ -452,7 +434,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         "spark.python.daemon.module": "gate_daemon",
         "spark.executorEnv.PYTHONPATH": GATE_DAEMON_DIR,  # the gate only: the project comes as the zip
         "spark.executorEnv.XRAY_TEST_GATE": str(gate),
-        "spark.sql.files.maxPartitionBytes": "4m",  # one image per featurization task: 16 tasks
+        "spark.default.parallelism": "16",  # images listed in 16 tasks (xray.data.load_images): one per featurization task
     }
     # The resize job on the cluster is covered above; here the local run's resized images serve.
     proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, out_local / "resized", conf)
@@ -474,6 +456,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         f"{_gate_records(gate, 'waiting')}; run output: {got['_stdout'][-3000:]}")
     reruns = [r for r in _gate_records(gate, "done") if r["attempt"] >= 1]
     assert reruns and victim not in {_worker_of(r, cluster_settings) for r in reruns}  # the lost task, elsewhere
-    assert "Lost executor" in got["_stderr"]  # Spark saw the executor go
+    jvm_log = "".join(open(p, encoding="utf-8", errors="replace").read() for p in glob.glob(str(tmp_path / "results" / "logs" / "*.log")))
+    assert "Lost executor" in jvm_log  # Spark saw the executor go (the JVM's output goes to the command's log)
     assert got["images_featurized"] == want["images_featurized"] == want["n_images"]
     _assert_same_results(got, want, tmp_path, out_local)

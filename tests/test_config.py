@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
-from xray.config import load_config
+from xray.config import Config, load_config
 from xray.errors import ConfigError
 from xray.experiment import make_classifier
 
@@ -117,12 +117,31 @@ def test_set_overrides_any_key(config):
         ("handleInvalid=ignore", "expected one of error, skip"),
         ("noequals", "expected key=value"),
         ("dataset=/x", "is a section"),
+        ("explain.border_warning=1.5", "must be <= 1.0"),
+        ("explain.sample_per_class=-1", "must be >= 0"),
+        ("split.group_pattern=(", "not a valid regular expression .*set it empty for one group per image"),
+        ("split.group_pattern=_\\d+", "has no capturing group: put the part of the file name that names the group"),
+        ("split.near_duplicate_threshold=0.5", "must be >= 0.9"),
+        ("split=x", "is a section"),
+        ("spark.conf=1", "'spark.conf' is a section of Spark settings; set one of them, e.g. --set spark.conf.spark"),
     ],
 )
 def test_bad_set_values(config, assignment, message):
     with pytest.raises(ConfigError, match=message) as info:
         config.experiment("ResNet50_binary_classification", [assignment])
     assert "\n" not in str(info.value)
+
+
+def test_split_settings_default_and_override(config):
+    exp = config.experiment("ResNet50_binary_classification")
+    assert exp.group_pattern == r"^(\d{8})_\d{3}" and exp.near_duplicate_threshold == 0.995  # shipped for NIH names
+    assert config.experiment("ResNet50_binary_classification", ["split.group_pattern="]).group_pattern == ""
+    # a regex that YAML would read as a mapping is taken as written
+    assert config.experiment("ResNet50_binary_classification",
+                             ["split.group_pattern=^([^:]+): x"]).group_pattern == "^([^:]+): x"
+    bare = {k: v for k, v in config.defaults.items() if k != "split"}  # a config without the section
+    exp = Config(config.path, bare, config.tasks, config.entries).experiment("ResNet50_binary_classification")
+    assert exp.group_pattern == "" and exp.near_duplicate_threshold == 0.995
 
 
 def test_unknown_experiment_lists_the_names(config):
@@ -153,8 +172,16 @@ def test_yaml_is_read_safely(tmp_path):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="not found: give an existing file with --config PATH"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("defaults: {weights: random}  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml is not UTF-8 text \(byte 0xe9 at offset \d+\): save it as UTF-8") as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)
 
 
 def test_relative_paths_resolve_against_the_config_folder(config):

@@ -167,3 +167,28 @@ def test_source_cue_warning():
     assert source_cue_warning(listing, entries) is None
     listing, entries = _listing({"A": [("PNG", "L")] * 95, "B": [("PNG", "L")] * 5})
     assert source_cue_warning(listing, entries) is None
+
+
+# --------------------------------------------------------------------------- load_images
+
+
+def test_load_images_reads_every_file_it_is_given_whatever_its_name(spark, tmp_path):
+    """Spark's file sources leave out names starting with '_' or '.' and read []{}*?\\ as a glob;
+    every file given must come back, with binaryFile's path (a file: URI) and its bytes."""
+    folder = tmp_path / "resized [1] {a,b} *?\\" / "No_findings"
+    folder.mkdir(parents=True)
+    names = ["plain.png", "_lead.png", ".dot.png", "x[1].png", "a b %20 é.png", "*?.png"]
+    contents = {}
+    for i, name in enumerate(names):
+        contents[name] = png_bytes(xray_like(1, i))
+        (folder / name).write_bytes(contents[name])
+    files = [(str(folder / n), "No_findings") for n in names]
+    rows = data.load_images(spark, files).collect()
+    assert sorted((r.path, r.label, bytes(r.content)) for r in rows) == sorted(
+        (f"file:{folder / n}", "No_findings", contents[n]) for n in names)
+    # The same path string as Spark's binaryFile source, where that source reads the file at all.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.png").write_bytes(contents["plain.png"])
+    (expected,) = spark.read.format("binaryFile").load(str(tmp_path / "plain")).select("path").collect()
+    (got,) = data.load_images(spark, [(str(tmp_path / "plain" / "a.png"), None)]).select("path").collect()
+    assert got.path == expected.path

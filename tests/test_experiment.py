@@ -88,7 +88,8 @@ def test_save_model_failures_leave_the_previous_model(spark, tmp_path, monkeypat
     real_replace = os.replace
 
     def failing_replace(src, dst):
-        if os.path.basename(str(src)).startswith(".tmp-model-"):
+        name = os.path.basename(str(src))
+        if name.startswith(".tmp-") and "-model-" in name:  # the staged model (temporaries name their owner first)
             raise OSError(5, "Input/output error")
         return real_replace(src, dst)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import IndexToString, StringIndexer
 from pyspark.ml.linalg import DenseVector
 
-from conftest import ROOT, make_dataset, png_bytes, predict_in_fresh_process, xray_like
+from conftest import ROOT, FakeSession, make_dataset, png_bytes, predict_in_fresh_process, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
@@ -44,6 +46,10 @@ def test_params_defaults_and_validation():
         KerasImageFeaturizer(handleInvalid="keep")
     with pytest.raises(ValueError, match="batchSize"):
         KerasImageFeaturizer(batchSize=0)
+    assert (f.getEngine(), f.getModelCacheDir()) == ("auto", "")
+    assert f.setEngine("tensorflow").setModelCacheDir("/m").getEngine() == "tensorflow" and f.getModelCacheDir() == "/m"
+    with pytest.raises(ValueError, match="unknown engine 'onnxruntime': expected one of auto, tensorflow, openvino"):
+        KerasImageFeaturizer(engine="onnxruntime")
 
 
 def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
@@ -63,6 +69,51 @@ def test_binary_and_image_struct_inputs_match_local_features(spark, tmp_path):
     rows2 = f.copy({f.inputCol: "image"}).transform(struct).select("image.origin", "features").collect()
     by_path = {_strip(r.origin): r.features.toArray() for r in rows2}
     np.testing.assert_allclose(np.stack([by_path[p] for p in paths]), _local_features(paths), rtol=1e-4, atol=1e-4)
+
+
+def test_maps_col_adds_the_feature_maps_of_the_same_pass(spark, tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(3):
+        xray_like(i, seed=i, size=(70, 50), mode="RGB").save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(png_bytes(xray_like(1, seed=2))[:60])
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", batchSize=2, mapsCol="maps", handleInvalid="skip")
+    out = f.transform(spark.read.format("binaryFile").load(str(folder)))
+    for df in (out, f.copy({f.mapsCol: ""}).transform(spark.read.format("binaryFile").load(str(folder)))):
+        # One UDF call for features and maps, also under skip's null filter (which the optimizer
+        # would otherwise evaluate with a second copy of the call).
+        assert df._jdf.queryExecution().executedPlan().toString().count("ArrowEvalPython") == 1
+    rows = out.select("path", "features", "maps").collect()
+    assert sorted(os.path.basename(_strip(r.path)) for r in rows) == ["im0.png", "im1.png", "im2.png"]
+    extractor = get_extractor(MODEL, None, "avg")
+    arrays = [extractor.prepare(decode_to_pil(open(_strip(r.path), "rb").read())) for r in rows]
+    features, maps = extractor.predict_with_maps(arrays, batch_size=2)
+    assert f.backbone.map_shape == maps.shape[1:]
+    np.testing.assert_allclose(np.stack([np.asarray(r.maps) for r in rows]), maps.reshape(len(rows), -1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), features, rtol=1e-4, atol=1e-4)
+    assert "maps" not in KerasImageFeaturizer(modelName=MODEL, weights="random").transform(
+        spark.read.format("binaryFile").load(str(folder / "im0.png"))).columns
+    with pytest.raises(ValueError, match="mapsCol 'features' must differ"):
+        KerasImageFeaturizer(mapsCol="features")
+
+
+def test_maps_col_persists_and_older_saves_load_without_it(spark, tmp_path):
+    import json
+
+    KerasImageFeaturizer(modelName=MODEL, mapsCol="m", engine="openvino", modelCacheDir="/m").save(str(tmp_path / "with"))
+    loaded = KerasImageFeaturizer.load(str(tmp_path / "with"))
+    assert (loaded.getMapsCol(), loaded.getEngine(), loaded.getModelCacheDir()) == ("m", "openvino", "/m")
+    KerasImageFeaturizer(modelName=MODEL).save(str(tmp_path / "old"))
+    (meta,) = (tmp_path / "old" / "metadata").glob("part-*")
+    saved = json.loads(meta.read_text())
+    for key in ("paramMap", "defaultParamMap"):
+        for param in ("mapsCol", "engine", "modelCacheDir"):
+            saved[key].pop(param, None)  # as saved before these Params existed
+    meta.write_text(json.dumps(saved))
+    for crc in (tmp_path / "old" / "metadata").glob(".*.crc"):
+        crc.unlink()  # the checksum of the file as first written
+    old = KerasImageFeaturizer.load(str(tmp_path / "old"))
+    assert (old.getMapsCol(), old.getEngine(), old.getModelCacheDir()) == ("", "auto", "")
 
 
 def test_wrong_input_column_type_is_a_clear_error(spark):
@@ -127,34 +178,20 @@ def test_handle_invalid_is_pysparks_shared_param():
     assert f.handleInvalid.name == "handleInvalid" and f.setHandleInvalid("error").getHandleInvalid() == "error"
 
 
-class _FakeContext:
-    """What ``_resolved_weights`` uses of a SparkContext: a cluster master, addFile, getConf."""
-
-    master = "spark://10.0.0.1:7077"
-
-    def __init__(self):
-        self.added = []
-
-    def addFile(self, path):  # noqa: N802 - Spark's name
-        self.added.append(path)
-
-    def getConf(self):  # noqa: N802 - Spark's name
-        return {}
-
-
-def test_weights_are_shipped_once_per_spark_context(tmp_path):
-    import types
-
+def test_weights_are_shipped_once_per_session(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "check_weights_file", lambda *args: None)  # a stand-in file (tested in test_backbones)
     path = str(tmp_path / "w.h5")
     with open(path, "wb") as f:
         f.write(b"weights")
+    sha = backbones.file_sha256(path)
     featurizer = KerasImageFeaturizer(modelName="ResNet50", weights=path)
-    first, second = _FakeContext(), _FakeContext()  # e.g. a context stopped and a new one started
-    for sc in (first, first, second):
-        spark = types.SimpleNamespace(sparkContext=sc)
-        assert featurizer._resolved_weights(spark) == (path, backbones.file_sha256(path))
-    assert first.added == [path] and second.added == [path]
-    assert not any(name.startswith("_featurizer") for name in vars(first))  # nothing stored on the context
+    first, second = FakeSession(app_id="app-a"), FakeSession(app_id="app-b")  # e.g. a session stopped, a new one
+    for spark in (first, first, second):
+        assert featurizer._resolved_weights(spark) == (path, sha)
+    for spark in (first, second):
+        assert [kind for _, kind in spark.artifacts] == ["file"]
+        shipped = spark.artifacts[0][0]
+        assert os.path.basename(shipped) == f"{sha[:16]}-w.h5" and backbones.file_sha256(shipped) == sha
 
 
 def _fit_pipeline(spark, root):
@@ -170,6 +207,7 @@ def _fit_pipeline(spark, root):
     return PipelineModel(fitted.stages + [converter]), images
 
 
+@pytest.mark.slow  # a second Python process with its own Spark and TensorFlow
 def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
     root = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=4)
     model, images = _fit_pipeline(spark, root)
@@ -208,3 +246,55 @@ def test_every_backbone_in_spark(spark, tmp_path, name):
     paths = [_strip(r.path) for r in rows]
     expected = extractor.predict([extractor.prepare(decode_to_pil(open(p, "rb").read())) for p in paths], 4)
     np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_falls_back_to_tensorflow_when_openvino_cannot_run(spark, tmp_path, monkeypatch):
+    from imagefeaturizer import engines
+
+    monkeypatch.setattr(engines, "tensorflow_sees_gpu", lambda: False)  # auto would pick OpenVINO
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: import fails, find_spec is None
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        xray_like(i, seed=i, size=(70, 50), mode="RGB").save(folder / f"im{i}.png")
+    f = KerasImageFeaturizer(modelName=MODEL, weights="random", modelCacheDir=str(tmp_path / "models"))
+    logs = []
+    plan = f.resolveEngine(spark, log=logs.append)
+    assert plan.engine == "tensorflow" and "pip install openvino" in plan.fallback
+    assert logs == [f"WARNING: {plan.fallback}"]
+    rows = f.transform(spark.read.format("binaryFile").load(str(folder))).select("path", "features").collect()
+    paths = [_strip(r.path) for r in rows]
+    np.testing.assert_allclose(np.stack([r.features.toArray() for r in rows]), _local_features(paths), rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / "models").exists()  # nothing was exported
+
+
+@pytest.mark.slow
+def test_openvino_workers_import_no_tensorflow_use_a_thread_per_core_and_match_tensorflow(tmp_path):
+    """A fresh application (the session's workers imported TensorFlow long ago): after featurizing
+    with OpenVINO neither its workers nor its driver have imported TensorFlow or Keras."""
+    import json
+
+    from test_export import close_to
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        xray_like(i % 3, seed=i, size=(90, 70), mode="RGB").save(folder / f"im{i}.png")
+    out = tmp_path / "out.json"
+    job = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "engine_job.py"), str(folder), str(out),
+                          "openvino", MODEL], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert job.returncode == 0, job.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plan"]["engine"] == "openvino" and result["partitions"] == 4
+    workers = [w for w in result["workers"] if w["models"]]  # those that featurized
+    assert workers and all(not w["tensorflow"] and not w["keras"] and w["openvino"] for w in workers)
+    assert not result["driver_imported_tensorflow"]
+    settings = {"INFERENCE_NUM_THREADS": "1", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "False",
+                "INFERENCE_PRECISION_HINT": "<Type: 'float32'>"}  # local[2]: one core a task
+    assert all(model == settings for w in workers for model in w["models"])
+    names = sorted(result["features"])
+    extractor = get_extractor(MODEL, None, "avg")
+    arrays = [extractor.prepare(decode_to_pil((folder / n).read_bytes())) for n in names]
+    features, maps = extractor.predict_with_maps(arrays, batch_size=4)
+    assert close_to(np.array([result["features"][n] for n in names]), features) <= 1e-4
+    assert close_to(np.array([result["maps"][n] for n in names]), maps.reshape(len(names), -1)) <= 1e-4

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import make_dataset, png_bytes, xray_like
 from test_download import _tree
-from xray import resize
+from xray import atomic, data, resize
 from xray.errors import DataError
 from xray.resize import normalize_image, resize_dataset
 
@@ -154,3 +154,86 @@ def test_resized_dir_inside_raw_dir_is_refused(tmp_path):
     raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=1)
     with pytest.raises(DataError, match="is inside dataset.raw_dir"):
         resize_dataset(_no_spark, raw, os.path.join(raw, "resized"), size=32, mode="L", max_pixels=10_000)
+
+
+def _dead_owner_tag() -> str:
+    """An owner tag of this host whose process is gone: this pid with another start time."""
+    host, boot, pid, start = atomic.owner_tag().split(".")
+    return f"{host}.{boot}.{pid}.{int(start) + 1}"
+
+
+def test_a_damaged_output_is_made_again_from_its_raw_file(spark, tmp_path):
+    raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=2)
+    out = tmp_path / "out"
+    kw = dict(size=40, mode="L", max_pixels=10_000, handle_invalid="skip")
+    resize_dataset(spark, raw, str(out), log=lambda line: None, **kw)
+    good = {n: (out / n).read_bytes() for n in _outputs(out)}
+    cut, overwritten = out / "A" / "img0.png", out / "B" / "img1.png"
+    cut.write_bytes(good[os.path.join("A", "img0.png")][:100])
+    written = os.stat(overwritten).st_mtime_ns
+    overwritten.write_bytes(b"x" * len(good[os.path.join("B", "img1.png")]))  # same size, written later
+    os.utime(overwritten, ns=(written, written + 10**9))
+    assert not resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+
+    logs: list[str] = []
+    report = resize_dataset(spark, raw, str(out), log=logs.append, **kw)
+    assert dict(report.written) == {"A": 1, "B": 1} and report.invalid == {}
+    assert {n: (out / n).read_bytes() for n in _outputs(out)} == good
+    assert resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+    assert logs[0].startswith("resize: 2 of 4 images to write") and logs[0].endswith(
+        f"2 output(s) missing or changed since written: {os.path.join('A', 'img0.png')}, {os.path.join('B', 'img1.png')}")
+
+    # Changed in place with size and mtime kept: only decoding tells. The featurizer's error
+    # (or its skip) names the file; the run marks it, and the next resize makes it again.
+    stat = os.stat(cut)
+    cut.write_bytes(b"x" * stat.st_size)
+    os.utime(cut, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+    message = f"invalid image: file:{cut}: not an image (unrecognised format)"
+    assert resize.damaged_output(message, str(out)) == str(cut)
+    assert resize.damaged_output(f"invalid image: file:{raw}/A/img0.png: x", str(out)) is None
+    assert resize.forget_outputs(str(out), [f"file:{cut}", str(raw)]) == [os.path.join("A", "img0.png")]
+    assert not resize.is_resized_current(raw, str(out), 40, "L", 10_000)
+    report = resize_dataset(spark, raw, str(out), log=lambda line: None, **kw)
+    assert report.written["A"] == 1 and sum(report.written.values()) == 1
+    assert {n: (out / n).read_bytes() for n in _outputs(out)} == good
+
+
+def test_only_outputs_of_the_manifest_are_loaded_strays_are_named_orphans_removed(spark, tmp_path):
+    raw = make_dataset(tmp_path / "raw", classes=("A", "B"), per_class=2)
+    (tmp_path / "raw" / "A" / "_lead.png").write_bytes(png_bytes(xray_like(0, 9)))
+    out = tmp_path / "out"
+    kw = dict(size=40, mode="L", max_pixels=10_000)
+    resize_dataset(spark, raw, str(out), log=lambda line: None, **kw)
+    stray = out / "B" / "stray.png"  # not made by the resize step: never loaded, never deleted
+    stray.write_bytes(png_bytes(xray_like(1, 1)))
+    orphan = out / "A" / f".tmp-{_dead_owner_tag()}-k1ll3d.png"  # a killed run's half-written output
+    orphan.write_bytes(b"\x89PNG half")
+    live = out / "A" / f".tmp-{atomic.owner_tag()}-busy.png"  # a running writer's (this process)
+    live.write_bytes(b"\x89PNG being written")
+
+    logs: list[str] = []
+    files = resize.resized_images(str(out), ["A", "B"], log=logs.append)
+    assert sorted(files) == sorted([(str(out / "A" / n), "A") for n in ("_lead.png", "img0.png", "img1.png")]
+                                   + [(str(out / "B" / n), "B") for n in ("img0.png", "img1.png")])
+    assert not orphan.exists() and live.exists() and stray.exists()
+    assert any(line.startswith("removed 1 temporary file(s) left by an interrupted run") and str(orphan) in line
+               for line in logs)
+    (line,) = [line for line in logs if "stray.png" in line]
+    assert "not made by the resize step" in line and "left out" in line
+
+    orphan.write_bytes(b"\x89PNG half")
+    logs.clear()
+    resize_dataset(_no_spark, raw, str(out), log=logs.append, **kw)  # the resize job cleans up too
+    assert not orphan.exists() and live.exists() and stray.exists()
+    assert any("stray.png" in line for line in logs)
+
+
+def test_folders_with_glob_characters(spark, tmp_path):
+    root = tmp_path / "data [1] {a,b} *?\\"
+    raw = make_dataset(root / "raw", classes=("A", "B"), per_class=2)
+    out = root / "resized"
+    resize_dataset(spark, raw, str(out), size=40, mode="L", max_pixels=10_000, log=lambda line: None)
+    files = resize.resized_images(str(out), ["A", "B"], log=lambda line: None)
+    rows = data.load_images(spark, files).collect()
+    assert sorted(r.path for r in rows) == sorted(f"file:{p}" for p, _ in files) and len(rows) == 4

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,25 +14,17 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, tiny_overrides, xray_like
+from xray import reports, resize, run
 from xray.config import load_config
+from xray.data import list_dataset
 from xray.errors import DataError
-from xray.run import run_experiment
-from xray.split import with_split
+from xray.run import Phases, _cross_validation, run_experiment
+from xray.split import assign_split, with_split
 
 
 def _overrides(tmp_path, raw, *extra):
-    return [
-        "weights=random",
-        f"dataset.raw_dir={raw}",
-        f"dataset.resized_dir={tmp_path / 'resized'}",
-        "dataset.image_size=64",
-        f"results_dir={tmp_path / 'results'}",
-        f"cache_dir={tmp_path / 'cache'}",
-        "test_fraction=0.34",
-        "batch_size=8",
-        *extra,
-    ]
+    return tiny_overrides(tmp_path, raw, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +60,20 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     assert saved["accuracy"] > 0.6
     # Where the wall time went, step by step, in order; the steps add up to (nearly) all of it.
     phases = saved["phase_seconds"]
-    assert list(phases) == ["checks", "spark_session", "data_checks", "featurize", "waiting", "split", "fit",
-                            "evaluate", "save_model", "reports"]
+    assert list(phases) == ["checks", "spark_session", "data_checks", "featurize", "waiting", "split",
+                            "near_duplicates", "fit", "evaluate", "save_model", "reports",
+                            "explanations"]
     assert sum(phases.values()) == pytest.approx(saved["wall_seconds"], abs=0.5)
+
+    # Class activation maps of the test images: the gallery and, per true class, where the evidence lies
+    # (the 2 test images of each class are the sample and the gallery's correct ones).
+    explanations = saved["explanations"]
+    assert {c: v["images"] for c, v in explanations["per_class"].items()} == {c: 2 for c in saved["classes"]}
+    assert all(0 <= v["border_share"] <= 1 and 0 < v["peak_x"] < 1 for v in explanations["per_class"].values())
+    assert explanations["gallery_images"] == 6  # up to 3 correct a class and 6 misclassified: all 6 test images
+    assert explanations["sample_per_class"] == 16 and explanations["border_area_share"] == 0.51
+    with Image.open(tmp_path / "results" / exp.name / "cam_gallery.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
 
     # The saved PipelineModel, applied to the test split's image files, reproduces the accuracy.
     model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
@@ -76,21 +82,31 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
         .load(str(tmp_path / "resized"))
         .withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
     )
-    test_rows = with_split(images, exp["seed"], exp["test_fraction"]).filter("is_test").drop("label")
+    test_rows = with_split(images, exp["seed"], exp["test_fraction"], group_pattern=exp.group_pattern)
+    test_rows = test_rows.filter("is_test").drop("label")
     rows = model.transform(test_rows).select("path", "predicted_label").collect()
     assert len(rows) == 6
     correct = sum(r.path.rsplit("/", 2)[-2] == r.predicted_label for r in rows)
     assert correct / len(rows) == pytest.approx(saved["accuracy"])
 
+    # split.csv: every image once, with its side; no file name here matches the NIH pattern: a group each
+    table = list(csv.DictReader(open(tmp_path / "results" / exp.name / "split.csv", encoding="utf-8")))
+    assert len(table) == 18 and sum(r["side"] == "test" for r in table) == 6
+    assert all(r["group"] == f"{r['class']}/{r['path'].rsplit('/', 1)[-1]}" for r in table)
+    assert saved["split"]["groups"] == 18 and saved["split"]["grouped"] is True
+    assert saved["near_duplicates"]["threshold"] == 0.995 and saved["reports"]["split"] == "split.csv"
+
     # A second run reads every feature from the cache and reproduces the metrics exactly.
     m2 = run_experiment(exp, log=logs.append)
     assert m2["images_from_cache"] == 18 and m2["images_featurized"] == 0
-    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test"):
+    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "split", "near_duplicates"):
         assert m2[key] == m[key]
+    assert list(csv.DictReader(open(tmp_path / "results" / exp.name / "split.csv", encoding="utf-8"))) == table
 
 
 @pytest.mark.slow
-def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
+def test_binary_uses_two_classes_and_binomial_and_its_results_folder_is_one_runs_whole(
+        spark, config, tmp_path, dataset, monkeypatch):
     exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, dataset))
     m = run_experiment(exp, log=lambda *_: None)
     assert m["classes"] == ["Covid-19", "No_findings"]
@@ -102,6 +118,94 @@ def test_binary_uses_two_classes_and_binomial(spark, config, tmp_path, dataset):
     ]
     assert model.stages[2].numClasses == 2
     assert np.isfinite(m["lr_objective_history"]).all()
+    _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, dataset, monkeypatch)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, raw, monkeypatch):
+    """After ``exp`` ran: a rerun that dies right after saving its model leaves the folder as it
+    was (model, metrics.json and config.json of one run); a rerun that succeeds replaces all of it.
+    The features come from the cache: these reruns fit and write only."""
+    folder = tmp_path / "results" / exp.name
+    first = _files(folder)
+    assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops here: its model is saved, nothing else yet
+
+    other = config.experiment(exp.name, _overrides(tmp_path, raw, "classifier.regParam=0.5"))
+    monkeypatch.setattr(reports, "write_experiment_reports", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(other, log=lambda *_: None)
+    assert _files(folder) == first
+    assert os.listdir(tmp_path / "results") == [exp.name]  # no staging or old folder left
+
+    monkeypatch.undo()
+    (folder / "predictions.csv").write_text("of the first model\n")
+    m = run_experiment(other, log=lambda *_: None)
+    second = _files(folder)
+    assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
+    assert json.loads(second["metrics.json"])["config"]["classifier"]["regParam"] == 0.5 == m["config"]["classifier"]["regParam"]
+    assert json.loads(second["config.json"])["settings"]["classifier"]["regParam"] == 0.5
+
+
+def _patients_and_a_planted_copy(raw: str, pattern: str) -> tuple[str, str]:
+    """No_findings as NIH names (patient 00000100 to 00000103, two images each, and a pixel-identical
+    third image of patient 00000100); a copy of a training image planted as another patient, named
+    so that it lands in the test split. Returns (original, copy) file names."""
+    folder = os.path.join(raw, "No_findings")
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        os.rename(os.path.join(folder, name), os.path.join(folder, f"{100 + i // 2:08d}_{i % 2:03d}.png"))
+    shutil.copy(os.path.join(folder, "00000100_000.png"), os.path.join(folder, "00000100_002.png"))
+    keys = [(f"{cls}/{os.path.splitext(n)[0]}.png", cls) for cls in os.listdir(raw) for n in os.listdir(os.path.join(raw, cls))]
+    for k in range(900, 1000):  # the pixel-identical copy of a training image that lands in the test split
+        copy = f"{k:08d}_000.png"
+        rows = {r.path: r.is_test for r in assign_split([*keys, (f"No_findings/{copy}", "No_findings")], 42, 0.34, 0, pattern)}
+        train = sorted(p for p, t in rows.items() if not t and p.startswith("No_findings/") and p != f"No_findings/{copy}")
+        if rows[f"No_findings/{copy}"] and train:
+            original = train[0].rsplit("/", 1)[1]
+            shutil.copy(os.path.join(folder, original), os.path.join(folder, copy))
+            return original, copy
+    raise AssertionError("no name puts the copy into the test split")
+
+
+@pytest.mark.slow
+def test_patient_groups_and_a_planted_near_duplicate_end_to_end(spark, config, tmp_path):
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=8)
+    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, raw))
+    original, copy = _patients_and_a_planted_copy(raw, exp.group_pattern)
+    logs: list[str] = []
+    m = run_experiment(exp, log=logs.append)
+    table = list(csv.DictReader(open(tmp_path / "results" / exp.name / "split.csv", encoding="utf-8")))
+    assert len(table) == 18 == m["n_train"] + m["n_test"]
+    side = {}
+    for r in table:  # no group on both sides
+        assert side.setdefault(r["group"], r["side"]) == r["side"]
+    names = {r["path"].rsplit("/", 1)[1]: r for r in table}
+    assert names["00000100_000.png"]["group"] == names["00000100_002.png"]["group"] == "00000100"
+    assert names["00000100_000.png"]["side"] == names["00000100_002.png"]["side"]  # identical follow-up: one side
+    assert (names[original]["side"], names[copy]["side"]) == ("train", "test")
+    assert m["split"]["groups"] == 8 + 5 and m["split"]["per_class"]["No_findings"]["images"] == 10
+    # class shares near test_fraction 0.34: exact for Covid-19 (one image a group), within one image of
+    # round(10 x 0.34) = 3 for No_findings (groups of 1 to 3 images); metrics.json says the same
+    tests = Counter(r["class"] for r in table if r["side"] == "test")
+    assert tests["Covid-19"] == 3 and abs(tests["No_findings"] - 3) <= 1
+    assert {c: v["test_images"] for c, v in m["split"]["per_class"].items()} == dict(tests)
+    # split.csv is the split of its own (path, class) pairs: what a second run would compute from them
+    again = assign_split([(r["path"], r["class"]) for r in table], exp["seed"], 0.34, 0, exp.group_pattern)
+    assert [(r.path, r.label, r.group, r.side, str(r.fold)) for r in again] == [tuple(r.values()) for r in table]
+    # the planted copy is listed, with the right roles; the identical follow-up image is not (same side)
+    pairs = list(csv.DictReader(open(tmp_path / "results" / exp.name / "near_duplicates.csv", encoding="utf-8")))
+    listed = {(p["train_path"].rsplit("/", 1)[1], p["test_path"].rsplit("/", 1)[1]): float(p["similarity"]) for p in pairs}
+    assert listed[(original, copy)] == pytest.approx(1.0, abs=1e-4)
+    assert not any("00000100_002.png" in pair and "00000100_000.png" in pair for pair in listed)
+    assert m["near_duplicates"]["pairs"] == len(pairs) >= 1
+    assert any(line.startswith("warning: ") and "near-duplicate" in line for line in logs)
+    assert any(line.startswith("split: 13 groups (groups by split.group_pattern") for line in logs)
 
 
 def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tmp_path):
@@ -123,3 +227,70 @@ def test_experiment_with_handle_invalid_error_stops_before_featurizing(spark, tm
         assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
         for cls in ("Covid-19", "No_findings"):  # the good files were kept
             assert sorted(os.listdir(tmp_path / "resized" / cls)) == ["img0.png", "img1.png"]
+
+
+def test_group_folds_that_train_without_a_class_stop_the_run(config):
+    exp = config.experiment("ResNet50_binary_classification", ["cv_folds=2"])
+    keys = [(f"file:/d/Covid-19/00000001_{i:03d}.png", "Covid-19") for i in range(6)]  # one patient
+    keys += [(f"file:/d/No_findings/n{i}.png", "No_findings") for i in range(12)]
+    rows = assign_split(keys, 42, 0.2, 2, exp.group_pattern)
+    assert {r.is_test for r in rows if r.label == "Covid-19"} == {False}  # too large for the test side
+    with pytest.raises(DataError, match=r"^cv_folds=2: fold [01] would be validated by a model trained without "
+                                        r"Covid-19: .*: lower cv_folds$"):
+        _cross_validation(exp, None, rows, ["Covid-19", "No_findings"], print, Phases())
+
+
+@pytest.mark.slow
+def test_odd_names_glob_paths_and_damage_between_runs(spark, config, tmp_path):
+    """Folders with glob characters, a file whose name starts with '_' (Spark's file sources
+    skip such names), then a damaged resized image and a damaged feature-cache part between
+    runs: every image reaches the model, and the rerun repairs both and gives the same metrics."""
+    root = tmp_path / "runs [1] {a,b} *?\\"
+    raw = make_dataset(root / "raw", classes=("Covid-19", "No_findings"), per_class=4)
+    xray_like(1, 77).save(root / "raw" / "No_findings" / "_lead.png")
+    exp = config.experiment("ResNet50_binary_classification", _overrides(root, raw, "handleInvalid=skip"))
+    m = run_experiment(exp, log=lambda line: None)
+    assert m["n_images"] == 9 and m["images_skipped"] == 0 and m["n_train"] + m["n_test"] == 9
+
+    resized = root / "resized" / "No_findings" / "img1.png"
+    resized.write_bytes(resized.read_bytes()[:200])
+    cache = root / "cache"
+    (folder,) = [f for f in cache.iterdir() if f.name != "quarantine"]
+    (part,) = [p for p in folder.iterdir() if p.name.startswith("part-")]
+    data_file = max((f for f in part.iterdir() if f.suffix == ".parquet"), key=lambda f: f.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:100])
+
+    logs: list[str] = []
+    m2 = run_experiment(exp, log=logs.append)
+    assert any(line.startswith("resize: 1 of 9 images to write") for line in logs)
+    assert any(line.startswith(f"feature cache: part {part} is damaged") for line in logs)
+    assert (cache / "quarantine" / folder.name / part.name).is_dir()
+    assert m2["images_skipped"] == 0 and m2["invalid_files"] == {} and m2["images_featurized"] == 9
+    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "n_images"):
+        assert m2[key] == m[key]
+
+
+def test_a_resized_output_the_featurizer_cannot_decode_is_named_and_made_again(spark, config, tmp_path, monkeypatch):
+    """Changed in place with size and mtime kept, so the resize step sees nothing: the worker's
+    error names it; the run marks it in the manifest (one line says so) and the next resize
+    makes it again. The featurizer's failure is simulated (its message as workers raise it)."""
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
+    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, raw))
+    resize.resize_dataset(spark, raw, exp.resized_dir, size=64, mode="L", max_pixels=10_000, log=lambda line: None)
+    bad = os.path.join(exp.resized_dir, "No_findings", "img1.png")
+    worker = f"imagefeaturizer.images.InvalidImageError: file:{bad}: not an image (unrecognised format)"
+
+    def fails(*args, message=f"Python worker failed\n{worker}\n", **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(run, "featurize_cached", fails)
+    with pytest.raises(DataError) as caught:
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)
+    assert str(caught.value) == (f"invalid image: file:{bad}: not an image (unrecognised format): it is a resized "
+                                 "output, not the raw file; the next run makes it again from its raw file: run again")
+    assert resize.resize_todo(list_dataset(raw, exp.classes), exp.resized_dir, 64, "L", 10_000) == [
+        os.path.join("No_findings", "img1.png")]
+    # Anything else stays as it is.
+    monkeypatch.setattr(run, "featurize_cached", lambda *a, **k: fails(message="other failure"))
+    with pytest.raises(RuntimeError, match="other failure"):
+        run._featurize(spark, None, None, exp, log=lambda line: None, keep=None)

@@ -185,3 +185,54 @@ def test_zip_finders_are_dropped_and_imports_from_the_zip_still_work(tmp_path, m
     assert importlib.import_module("zpkg_probe.sub.b").VALUE == 2  # a new import from the zip works
     for name in [m for m in sys.modules if m.startswith("zpkg_probe")]:
         del sys.modules[name]
+
+
+class _GpuTask(_FakeTask):
+    """A Spark task with GPU scheduling: ``resources()["gpu"].addresses`` (no GPU is needed)."""
+
+    def __init__(self, addresses):
+        super().__init__(1)
+        self._addresses = addresses
+
+    def resources(self):
+        from pyspark.resource import ResourceInformation
+
+        return {"gpu": ResourceInformation("gpu", self._addresses)} if self._addresses else {}
+
+
+@pytest.mark.parametrize("addresses", [["1"], ["2", "3"]])
+def test_a_worker_uses_the_gpus_spark_assigned_to_its_task(monkeypatch, addresses):
+    import pyspark
+
+    monkeypatch.setattr(runtime, "_gpus_decided", False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # what the worker saw before
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: _GpuTask(addresses)))
+    assert runtime.use_task_gpus() == addresses
+    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(addresses)
+    assert runtime.os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # the numbering nvidia-smi reports
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: _GpuTask(["0"])))
+    assert runtime.use_task_gpus() is None  # decided once, before TensorFlow's devices exist
+    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(addresses)
+
+
+@pytest.mark.parametrize("task", [None, _GpuTask([])])
+def test_without_assigned_gpus_the_visible_devices_stay(monkeypatch, task):
+    import pyspark
+
+    monkeypatch.setattr(runtime, "_gpus_decided", False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(pyspark.TaskContext, "get", staticmethod(lambda: task))
+    assert runtime.use_task_gpus() is None and runtime.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_the_gpus_are_chosen_before_the_first_model_is_built(monkeypatch):
+    steps = []
+    monkeypatch.setattr(runtime, "_EXTRACTORS", {})
+    monkeypatch.setattr(runtime, "use_task_gpus", lambda: steps.append("gpus"))
+    monkeypatch.setattr(runtime, "configure_threads", lambda: steps.append("threads"))
+    monkeypatch.setattr(runtime, "configure_gpus", lambda: steps.append("memory growth"))
+    monkeypatch.setattr(runtime, "FeatureExtractor", lambda *args: steps.append("build") or object())
+    get_extractor("VGG16", None, "avg")
+    get_extractor("VGG16", None, "avg")  # cached: nothing again
+    assert steps == ["gpus", "threads", "memory growth", "build"]

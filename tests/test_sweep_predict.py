@@ -1,4 +1,5 @@
-"""Sweep, cross-validation, reproducibility and prediction, end to end on tiny generated images.
+"""Sweep, cross-validation, reproducibility, prediction and explanation, end to end on tiny
+generated images.
 
 One sweep (two ResNet50 experiments with random weights and a broken one) is run per module and
 shared by the tests; the feature cache makes every later run cheap.
@@ -12,9 +13,11 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
@@ -22,6 +25,7 @@ from xray import progress
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
+from xray.explain import run_explain
 from xray.predict import run_predict
 from xray.reports import format_result
 from xray.run import run_experiment
@@ -30,7 +34,7 @@ from xray.sweep import run_sweep
 pytestmark = pytest.mark.slow  # every test shares a whole sweep
 
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
-FOLDS = "ResNet50_folds_classification"  # fails after featurization, on a fitting thread
+FOLDS = "ResNet50_folds_classification"  # too few images a class for its folds: fails before Spark
 TUNED = "ResNet50_tuned_classification"  # the tuned head on the binary entry's cached features
 SCRATCH = "SmallCNN_binary_scratch"  # trained from scratch in a Spark barrier task: 1 epoch, 32x32
 SWEPT = (BINARY, MULTI, BROKEN, FOLDS, TUNED, SCRATCH)
@@ -82,6 +86,10 @@ def _metrics(swept, name):
     return json.loads((swept["root"] / "results" / name / "metrics.json").read_text())
 
 
+def _split_csv(swept, name):
+    return list(csv.DictReader(open(swept["root"] / "results" / name / "split.csv", encoding="utf-8")))
+
+
 def test_sweep_writes_summary_and_survives_a_failure(swept):
     root, logs = swept["root"], swept["logs"]
     assert swept["code"] == 1  # two experiments failed
@@ -89,8 +97,8 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
     assert [(r["experiment"], r["status"], r["method"]) for r in rows] == [
         (BINARY, "ok", "linear probe"), (MULTI, "ok", "linear probe"), (BROKEN, "failed", ""),
         (FOLDS, "failed", ""), (TUNED, "ok", "tuned probe"), (SCRATCH, "ok", "scratch")]
-    assert rows[3]["error"].startswith("cv_folds=5 needs at least 5 training images per class")
-    assert any(line.startswith(f"FAILED {FOLDS}: cv_folds=5") for line in logs)
+    assert rows[3]["error"].startswith("class Covid-19 needs at least 7 images")  # 2 test and 5 training images
+    assert any(line.startswith(f"FAILED {FOLDS}: class Covid-19 needs at least 7 images") for line in logs)
     # fits and reports run on other threads: their lines name the experiment
     assert any(line.startswith(f"[{MULTI}] features: 18 images") for line in logs), logs
     for r in rows[:2] + rows[4:]:
@@ -98,14 +106,23 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
         assert float(r["accuracy"]) == pytest.approx(m["accuracy"])
         assert float(r["ci95_low"]) == pytest.approx(m["accuracy_ci95"][0])
         assert float(r["recall_Covid-19"]) == pytest.approx(m["per_class"]["Covid-19"]["recall"])
-        assert r["method"] == "scratch" or float(r["images_per_second"]) > 0
-        assert sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith(".")) == [
-            "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model", "roc.png"]
+        files = sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith("."))
+        if r["method"] == "scratch":  # no features: no near-duplicates, no class activation maps
+            assert files == ["config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model",
+                             "roc.png", "split.csv"]
+            assert r["near_duplicates"] == "" and r["border_share_Covid-19"] == ""
+            continue
+        assert float(r["images_per_second"]) > 0
+        assert files == ["cam_gallery.png", "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json",
+                         "model", "near_duplicates.csv", "roc.png", "split.csv"]
+        shares = m["explanations"]["per_class"]
+        assert [float(r[f"border_share_{c}"]) for c in shares] == pytest.approx([v["border_share"] for v in shares.values()])
     assert rows[0]["recall_Pneumonia"] == "" and rows[1]["recall_Pneumonia"] != ""
     assert "lacks class folder(s) Missing" in rows[2]["error"]
 
     md = (root / "results" / "summary.md").read_text()
     assert f"| {BINARY} | ResNet50 | binary | linear probe |" in md and f"| {SCRATCH} | SmallCNN | binary | scratch |" in md
+    assert re.search(rf"\| {SCRATCH} \|[^\n]* \| n/a \|", md)  # near-dups: a trained network has no features
     assert f"| {BROKEN} | ResNet50 | broken |  | FAILED |" in md
     assert re.search(rf"## Failed\n\n- {BROKEN}: data folder .* lacks class folder\(s\) Missing", md)
     assert (root / "results" / "summary.png").stat().st_size > 10_000
@@ -150,6 +167,13 @@ def test_network_trained_from_scratch_reports_like_a_probe(swept):
     assert t["images_per_second"] > 0 and t["cached_images"] == {"train": t["n_fit"], "validation": t["n_validation"]}
     assert set(t["class_weight"]) == {"Covid-19", "No_findings"}
     assert sum(map(sum, m["confusion_matrix"]["rows_true_columns_predicted"])) == m["n_test"]
+    # The probe's grouped split, its training side cut into fitting and validation rows (split.csv).
+    split = {r["path"]: r["side"] for r in _split_csv(swept, SCRATCH)}
+    assert Counter(split.values()) == {"train": t["n_fit"], "validation": t["n_validation"], "test": m["n_test"]}
+    assert {p: "train" if s == "validation" else s for p, s in split.items()} == {
+        r["path"]: r["side"] for r in _split_csv(swept, BINARY)}
+    assert m["split"]["grouped"] and m["split"]["groups"] == len(split) and m["near_duplicates"]["pairs"] is None
+    assert "skipped" in m["explanations"] and m["engine"]["engine"] == "keras"
     lines = format_result(m, str(swept["root"] / "results")).splitlines()
     assert "[trained from scratch: NOT transfer learning]" in lines[0]
     assert any(line.startswith(f"  training (scratch): {t['n_fit']} images, 1 epoch(s) in 1 stage(s), chosen epoch 1")
@@ -173,7 +197,11 @@ def test_rerun_reproduces_metrics_exactly(swept):
     first = _metrics(swept, BINARY)
     again = json.loads(json.dumps(run_experiment(exp, log=lambda *_: None), default=str))
     assert again["images_from_cache"] == again["n_images"]  # features came from the cache
-    assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in first.items() if k not in VOLATILE}
+    exact = VOLATILE | {"explanations"}
+    assert {k: v for k, v in again.items() if k not in exact} == {k: v for k, v in first.items() if k not in exact}
+    # The explanations' own seconds vary; their statistics are the same.
+    assert {k: v for k, v in again["explanations"].items() if k != "seconds"} == {
+        k: v for k, v in first["explanations"].items() if k != "seconds"}
 
 
 def test_sweep_rejects_unknown_pattern_and_bad_set(swept):
@@ -267,3 +295,83 @@ def test_predict_errors_are_one_line(swept, tmp_path, capsys):
     code = main(["--config", os.path.join(ROOT, "config.yaml"), "predict", BINARY, str(tmp_path / "missing"), "--set", results])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "missing" in err
+
+
+def test_predict_any_name_in_folders_with_glob_characters(swept, tmp_path, capsys):
+    """'_'-named files are predicted (Spark's file sources would skip them), an empty file says
+    so, and a model and images in folders whose names Spark would read as globs load."""
+    models = tmp_path / "models [1] {a,b} *?\\"
+    shutil.copytree(swept["root"] / "results" / BINARY, models / BINARY)
+    images = tmp_path / "new [2]" / "No_findings"
+    images.mkdir(parents=True)
+    for name in ("_lead.png", "x[1].png", ".hidden.png"):
+        (images / name).write_bytes(open(os.path.join(swept["raw"], "No_findings", "img1.png"), "rb").read())
+    (images / "empty.png").write_bytes(b"")
+    out = tmp_path / "out [3].csv"
+    code = run_predict(swept["config"], str(models / BINARY), str(images.parent), str(out), swept["overrides"], log=print)
+    assert code == 1
+    rows = {r["path"]: r for r in csv.DictReader(open(out, encoding="utf-8"))}
+    assert sorted(rows) == sorted(str(images / n) for n in ("_lead.png", "x[1].png", "empty.png"))
+    assert rows[str(images / "empty.png")]["error"] == "empty file (0 bytes)"
+    for name in ("_lead.png", "x[1].png"):
+        assert rows[str(images / name)]["predicted_class"] in ("Covid-19", "No_findings") and not rows[str(images / name)]["error"]
+    assert "empty file (0 bytes)" in capsys.readouterr().out
+
+
+def test_explain_writes_maps_overlays_and_a_table(spark, swept, tmp_path, capsys):
+    new = tmp_path / "new"
+    shutil.copytree(swept["raw"], new)  # Covid-19/img1.jpg and Covid-19/img0.png ... in every class folder
+    (new / "Covid-19" / "img0.jpg").write_bytes((new / "Covid-19" / "img1.jpg").read_bytes())  # img0: png and jpg
+    (new / "No_findings" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "maps"
+    code = run_explain(swept["config"], MULTI, str(new), str(out), None, swept["overrides"], log=print)
+    printed = capsys.readouterr().out
+    assert code == 1 and re.search(r"broken\.png\tERROR\t\S", printed)
+
+    rows = list(csv.DictReader(open(out / "explanations.csv", encoding="utf-8")))
+    assert len(rows) == 20 and [r["path"] for r in rows if r["error"]] == [str(new / "No_findings" / "broken.png")]
+    good = [r for r in rows if not r["error"]]
+    names = {r["cam_npy"] for r in good}
+    assert len(names) == 19  # same stems in one folder and across folders: no output written twice
+    assert {"Covid-19/img0_png.cam.npy", "Covid-19/img0_jpg.cam.npy", "No_findings/img0.cam.npy"} <= names
+    for r in good:
+        cam = np.load(out / r["cam_npy"])
+        assert cam.shape == (64, 64) and cam.dtype == np.float32  # the normalised image's height x width
+        with Image.open(out / r["cam_png"]) as im:
+            im.verify()
+        assert r["map_class"] == r["predicted_class"] and 0 <= float(r["border_share"]) <= 1
+        # The peak in the table is where the saved map peaks (its cell's centre).
+        row, col = np.unravel_index(cam.argmax(), cam.shape)
+        assert abs((col + 0.5) / 64 - float(r["peak_x"])) <= 1 / 7 and abs((row + 0.5) / 64 - float(r["peak_y"])) <= 1 / 7
+    line = next(x for x in printed.splitlines() if x.startswith(good[0]["path"] + "\t"))
+    assert f"map of {good[0]['map_class']}: peak x=" in line and line.endswith(good[0]["cam_png"])
+
+
+def test_explain_another_class_into_the_default_folder_and_refusals(spark, swept, tmp_path, capsys):
+    model_dir = swept["root"] / "results" / BINARY / "model"
+    image = os.path.join(swept["raw"], "No_findings", "img3.png")
+    lines = []
+    assert run_explain(swept["config"], str(model_dir), image, None, "Covid-19", swept["overrides"], log=lines.append) == 0
+    default = model_dir.parent / "explanations"
+    assert any(str(default) in line for line in lines)  # the output folder is stated
+    rows = list(csv.DictReader(open(default / "explanations.csv", encoding="utf-8")))
+    assert [(r["path"], r["map_class"], r["cam_npy"]) for r in rows] == [(image, "Covid-19", "img3.cam.npy")]
+    by_class = {}
+    for name in ("Covid-19", "No_findings"):
+        run_explain(swept["config"], str(model_dir), image, str(tmp_path / name), name, swept["overrides"], log=lines.append)
+        by_class[name] = np.load(tmp_path / name / "img3.cam.npy")
+    np.testing.assert_allclose(by_class["Covid-19"], -by_class["No_findings"], atol=1e-5)  # binomial: [-m, m]
+    with pytest.raises(ConfigError, match="--class 'Lungs' is not a class of the model: expected one of Covid-19, No_findings"):
+        run_explain(swept["config"], str(model_dir), image, None, "Lungs", swept["overrides"])
+    with pytest.raises(DataError, match=r"holds a trained network .* linear probes only \(train: probe\)"):
+        run_explain(swept["config"], SCRATCH, image, str(tmp_path / "scratch"), None, swept["overrides"])
+    assert not (tmp_path / "scratch").exists()
+
+    model = PipelineModel.load(str(model_dir))
+    featurizer = model.stages[1]
+    PipelineModel([model.stages[0], featurizer.copy({featurizer.pooling: "max"}), *model.stages[2:]]).save(
+        str(tmp_path / "max" / "model"))
+    code = main(["--config", os.path.join(ROOT, "config.yaml"), "explain", str(tmp_path / "max"), image,
+                 *(arg for o in swept["overrides"] for arg in ("--set", o))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "need pooling=avg" in err and "refit the model with pooling=avg" in err

@@ -27,12 +27,27 @@ def _keys(per_class: dict[str, int]):
 def test_validation_is_carved_from_the_training_split_per_class(config):
     exp = config.experiment("SmallCNN_binary_scratch", ["test_fraction=0.2", "training.validation_fraction=0.25"])
     keys = _keys({"Covid-19": 10, "No_findings": 20})
-    table = split_table(keys, exp)
-    test = {path for path, is_test, _ in split_rows(keys, exp["seed"], 0.2) if is_test}
-    assert {path for path, is_test, _ in table if is_test} == test  # the probe's test split, untouched
-    validation = [path for path, is_test, is_val in table if is_val]
+    split = split_table(keys, exp)
+    test = {path for path, is_test, _ in split_rows(keys, exp["seed"], 0.2, 0, exp.group_pattern) if is_test}
+    assert {path for path, is_test, _ in split.marks() if is_test} == test  # the probe's test split, untouched
+    validation = [path for path, is_test, is_val in split.marks() if is_val]
     assert not set(validation) & test
     assert sorted(p.split("/")[0] for p in validation) == ["Covid-19"] * 2 + ["No_findings"] * 4  # 25% of 8 and 16
+    assert split.sizes()["n_fit"] == 30 - len(test) - len(validation)
+
+
+def test_validation_keeps_each_group_whole(config):
+    """A patient's images (split.group_pattern) are all fitted on or all validate, never both."""
+    exp = config.experiment("SmallCNN_binary_scratch", ["test_fraction=0.2", "training.validation_fraction=0.3"])
+    keys = [(f"{cls}/{patient:08d}_{i:03d}.png", cls) for cls, first in (("Covid-19", 0), ("No_findings", 100))
+            for patient in range(first, first + 8) for i in range(3)]
+    split = split_table(keys, exp)
+    side = {}
+    for path, is_test, is_val in split.marks():
+        side.setdefault(path.split("/")[1][:8], set()).add("test" if is_test else "validation" if is_val else "fit")
+    assert all(len(sides) == 1 for sides in side.values()), side
+    assert {s for sides in side.values() for s in sides} == {"test", "validation", "fit"}
+    assert split.info["groups"] == 16 and split.info["group_pattern"] == exp.group_pattern
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,17 @@ downloads for it.
 - ``"random"``: Keras' own initialisers under a fixed seed, so every Spark worker (and a later
   process loading a saved pipeline) builds the very same network. Not transfer learning: for
   smoke runs and tests.
-- a path to a Keras weights file (``.h5`` / ``.weights.h5``) for this backbone without its top.
+- a path to a Keras weights file (``.h5`` / ``.weights.h5``) for this backbone without its top,
+  checked on the spot (:func:`check_weights_file`: readable, HDF5, the backbone's weight shapes),
+  without building a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -52,6 +56,7 @@ class Backbone:
     imagenet_file: str  # Keras' file name for the ImageNet weights without the top
     imagenet_md5: str  # Keras' checksum of that file
     imagenet_folder: str  # folder of that file at Keras' weights address
+    weights: tuple[int, int, str]  # what a weights file for it holds: :func:`weights_signature`
 
     @property
     def feature_size(self) -> int:
@@ -74,7 +79,7 @@ class Backbone:
         return self._keras_module().preprocess_input
 
 
-def _entry(name, module, input_size, map_layer, map_shape, stem, md5, folder=None):
+def _entry(name, module, input_size, map_layer, map_shape, stem, md5, weights, folder=None):
     return Backbone(
         name=name,
         module=f"keras.applications.{module}",
@@ -85,6 +90,7 @@ def _entry(name, module, input_size, map_layer, map_shape, stem, md5, folder=Non
         imagenet_file=f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_md5=md5,
         imagenet_folder=folder or stem,
+        weights=weights,
     )
 
 
@@ -92,15 +98,15 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         _entry("InceptionV3", "inception_v3", 299, "mixed10", (8, 8, 2048),
-               "inception_v3", "bcbd6486424b2319ff4ef7d526e38f63"),
+               "inception_v3", "bcbd6486424b2319ff4ef7d526e38f63", (376, 21802784, "fff511ab291618a1")),
         _entry("ResNet50", "resnet50", 224, "conv5_block3_out", (7, 7, 2048),
-               "resnet50", "4d473c1dd8becc155b73f8504c6f6626", "resnet"),
+               "resnet50", "4d473c1dd8becc155b73f8504c6f6626", (318, 23587712, "2bb5d120ede0845a"), "resnet"),
         _entry("VGG16", "vgg16", 224, "block5_pool", (7, 7, 512),
-               "vgg16", "6d6bbae143d832006294945121d1f1fc"),
+               "vgg16", "6d6bbae143d832006294945121d1f1fc", (26, 14714688, "183ae69d017403f7")),
         _entry("VGG19", "vgg19", 224, "block5_pool", (7, 7, 512),
-               "vgg19", "253f8cb515780f3b799900260a226db6"),
+               "vgg19", "253f8cb515780f3b799900260a226db6", (32, 20024384, "4965772d1755ad94")),
         _entry("Xception", "xception", 299, "block14_sepconv2_act", (10, 10, 2048),
-               "xception", "b0042744bf5b25fce3cb969f33bebb97"),
+               "xception", "b0042744bf5b25fce3cb969f33bebb97", (234, 20861480, "0de5fa0baa9a6a93")),
     )
 }
 
@@ -121,12 +127,89 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime) -> sha256, per process
+
+
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, read once per process while its size and mtime stay the same."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a weights file holds, checked on the driver without building a model
+# ---------------------------------------------------------------------------------------------
+def weights_signature(shapes) -> tuple[int, int, str]:
+    """(weight arrays, values, digest of their sorted shapes) for a list of array shapes: what a
+    backbone's weights file must hold (``Backbone.weights``, from Keras' own models)."""
+    ordered = sorted(tuple(int(d) for d in shape) for shape in shapes)
+    text = ";".join("x".join(map(str, shape)) for shape in ordered)
+    return len(ordered), sum(math.prod(shape) for shape in ordered), hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_weight_shapes(path: str) -> list[tuple[int, ...]]:
+    """Shapes of the weight arrays in a Keras HDF5 weights file: Keras 3's ``.weights.h5`` or the
+    legacy ``.h5`` of Keras' ImageNet files (a whole legacy model: its ``model_weights``).
+    Only the shapes are read. WeightsError when it is no HDF5 file."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise WeightsError(f"weights file {path!r} is not a Keras weights file (not HDF5)")
+    shapes: list[tuple[int, ...]] = []
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "model_weights" in f and "layer_names" not in f.attrs else f
+        group.visititems(lambda _, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset) else None)
+    return shapes
+
+
+_VERDICTS: dict[tuple[str, str], str | None] = {}  # (backbone, sha256) -> None (fits) or the reason
+
+
+def check_weights_file(backbone: Backbone | str, path: str) -> None:
+    """A user's weights file before any Spark work: readable, a Keras HDF5 weights file, and
+    holding exactly the weight shapes of ``backbone`` without its top (compared with the registry:
+    no model built, no TensorFlow). WeightsError naming the fix otherwise; the verdict is kept
+    per backbone and file content (sha256), so a sweep checks a file once."""
+    if isinstance(backbone, str):
+        backbone = get_backbone(backbone)
+    fix = f"give the weights file of {backbone.name} without its top (include_top=False), or 'imagenet' or 'random'"
+    try:
+        key = (backbone.name, file_sha256(path))
+    except OSError as exc:
+        raise WeightsError(f"weights file {path!r} cannot be read ({exc.strerror}): {fix}") from None
+    if key not in _VERDICTS:
+        _VERDICTS[key] = _mismatch(backbone, path)
+    if _VERDICTS[key]:
+        raise WeightsError(f"{_VERDICTS[key]}: {fix}")
+
+
+def _mismatch(backbone: Backbone, path: str) -> str | None:
+    """Why the file does not fit ``backbone`` (None when it does)."""
+    try:
+        found = weights_signature(file_weight_shapes(path))
+    except WeightsError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - HDF5 signature, but unreadable inside (truncated, damaged)
+        return f"weights file {path!r} is a damaged HDF5 file ({str(exc).splitlines()[0][:150]})"
+    if found == backbone.weights:
+        return None
+    other = next((b.name for b in BACKBONES.values() if b.weights == found), None)
+    holds = f"{found[0]} weight arrays ({found[1]:,} values)" + (f", those of {other} without its top" if other else "")
+    arrays, values, _ = backbone.weights
+    return (f"weights file {path!r} does not fit {backbone.name} without its top: it holds {holds}; "
+            f"{backbone.name} has {arrays} ({values:,} values)")
+
+
+def keras_version() -> str:
+    """Keras' version, read without importing Keras (seeded random weights depend on it)."""
+    return importlib.metadata.version("keras")
 
 
 def offline_fix_message(backbone: Backbone) -> str:
@@ -143,7 +226,8 @@ def resolve_weights(backbone: Backbone | str, weights: str) -> str | None:
     """Turn a ``weights`` setting into what the model is built from.
 
     Returns a local file path (ImageNet weights from the Keras cache, downloading them the way
-    Keras does when they are missing, or the user's file), or None for random weights.
+    Keras does when they are missing, or the user's file, checked by :func:`check_weights_file`),
+    or None for random weights.
     """
     if isinstance(backbone, str):
         backbone = get_backbone(backbone)
@@ -171,7 +255,9 @@ def resolve_weights(backbone: Backbone | str, weights: str) -> str | None:
             f"weights file {weights!r} not found: give an existing Keras weights file for "
             f"{backbone.name} (include_top=False), or 'imagenet' or 'random'"
         )
-    return os.path.abspath(path)
+    path = os.path.abspath(path)
+    check_weights_file(backbone, path)
+    return path
 
 
 def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str | None = "avg",

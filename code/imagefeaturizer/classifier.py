@@ -32,7 +32,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsReader, DefaultP
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from . import runtime
+from . import runtime, shipping
 from .images import DEFAULT_MAX_PIXELS
 
 STAGE_MODEL_FILE = "model.keras"
@@ -122,7 +122,7 @@ class KerasImageClassifier(Transformer, HasInputCol, HasPredictionCol, HasProbab
         path = os.path.abspath(self.getModelFile()) if self.getModelFile() else ""
         if not os.path.isfile(path):
             raise ValueError(f"modelFile {self.getModelFile()!r} is not a file: set it to a saved Keras model (.keras)")
-        sha = runtime.ship_file(dataset.sparkSession.sparkContext, path, by_content=True)
+        sha = shipping.ship_file(dataset.sparkSession, path)  # under its sha256 prefix: many model.keras
         return ClassifyTask(path, sha, self.getImageSize(), self.getBatchSize(), self.getHandleInvalid(),
                             self.getMaxImagePixels())
 
@@ -131,6 +131,7 @@ class KerasImageClassifier(Transformer, HasInputCol, HasPredictionCol, HasProbab
         if self.getInputCol() not in dataset.columns:
             raise ValueError(f"input column {self.getInputCol()!r} not found: the DataFrame has {dataset.columns}")
         task = self._task(dataset)
+        shipping.ensure_package(dataset.sparkSession)  # when workers may not import this package
 
         @F.pandas_udf("prediction double, probability array<double>")
         def classify(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:

@@ -1,16 +1,19 @@
 """What lives in a Spark Python worker that featurizes: extractors and the process around them.
 
 - :class:`FeatureExtractor`: an engine plus what comes before it (resizing, batching).
-- :func:`get_extractor`: one extractor per (backbone, weights, pooling, engine) per Python process,
-  built on first use, the :data:`MAX_EXTRACTORS` most recently used kept (never captured in a UDF
-  closure).
-- The process set-up done once, before the first model is built: TensorFlow's threads sized to the
-  task's cores (:func:`configure_threads`), GPU memory growth (:func:`configure_gpus`), and after
-  the build ``gc.freeze`` (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each
-  batch.
-- :func:`ship_file` (driver) and :func:`local_file` / :func:`local_weights` (executor): a file of
-  the driver (weights, a trained model) shipped to executors off local mode, as this machine sees
-  it, checked against the driver's sha256.
+- :func:`get_extractor`: one extractor per (backbone, weights, pooling, engine, exported model) per
+  Python process, built on first use, the :data:`MAX_EXTRACTORS` most recently used kept (never
+  captured in a UDF closure).
+- The process set-up done before a model is built: the GPU(s) Spark assigned to the task as the
+  only ones TensorFlow sees (:func:`use_task_gpus`), the engine's threads sized to the task's cores
+  (:func:`task_threads`; TensorFlow's once per process, :func:`configure_threads`), GPU memory
+  growth (:func:`configure_gpus`), and after the build ``gc.freeze``
+  (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each batch. A worker that runs
+  an exported engine (OpenVINO) imports neither TensorFlow nor Keras.
+- :func:`get_keras_model`: a saved Keras model (a trained classifier's ``.keras`` file) loaded once
+  per process, in the same cache and after the same set-up as the extractors.
+- :func:`local_weights` and the exported model's files: as this machine sees them, checked against
+  the driver's sha256 (:func:`local_file`).
 - :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time
   (decode every image, then fetch the extractor and predict).
 
@@ -23,7 +26,7 @@ import gc
 import os
 import sys
 import threading
-import weakref
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,8 +34,10 @@ import numpy as np
 import pandas as pd
 
 from . import backbones
-from .engines import DEFAULT_ENGINE, Engine, create_engine
+from .engines import DEFAULT_ENGINE, Engine, TensorFlowEngine, ThreadSettings, create_engine, engine_class
 from .images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_record, resize_pil
+
+__all__ = ["SHIP_WEIGHTS_CONF", "ThreadSettings"]  # here too for the callers that know them from here
 
 GPU_MIN_BATCH = 128
 """On a GPU, images per backbone call are at least this many (still capped by the Arrow batch)."""
@@ -47,10 +52,10 @@ class FeatureExtractor:
     The engine (:mod:`imagefeaturizer.engines`) runs the network; ``device`` says where.
     """
 
-    def __init__(self, model_name: str, weights_path: str | None, pooling: str = "avg",
-                 engine: str = DEFAULT_ENGINE):
+    def __init__(self, model_name: str, source: str | None, pooling: str = "avg",
+                 engine: str = DEFAULT_ENGINE, threads: ThreadSettings | None = None):
         self.backbone = backbones.get_backbone(model_name)
-        self.engine: Engine = create_engine(engine, self.backbone, weights_path, pooling)
+        self.engine: Engine = create_engine(engine, self.backbone, source, pooling, threads)
 
     @property
     def device(self) -> str:
@@ -98,7 +103,7 @@ def prepare(image, backbone: backbones.Backbone) -> np.ndarray:
 MAX_EXTRACTORS = 2
 """Extractors kept per process (a backbone holds hundreds of MB); the least recently used goes first."""
 
-_EXTRACTORS: dict[tuple, object] = {}  # extractors and Keras models; insertion order = use order, last = newest
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}  # insertion order = use order, last = newest
 _LOCK = threading.Lock()
 
 
@@ -108,48 +113,73 @@ def get_extractor(
     pooling: str,
     weights_sha256: str | None = None,
     engine: str = DEFAULT_ENGINE,
+    model_files: tuple[tuple[str, str], ...] = (),
 ) -> FeatureExtractor:
     """The cached extractor for this process, built on first use.
 
-    ``weights_path`` is the driver's path; the file used is :func:`local_weights`'s. Before the
-    first build TensorFlow's threads are set for the Spark task; after a build in a Spark task
-    what exists is frozen (:func:`freeze_in_spark_worker`).
+    ``weights_path`` is the driver's path; the file used is :func:`local_weights`'s. An exported
+    engine opens ``model_files`` instead ((driver path, sha256) of each file of the export, the
+    first the one it opens), each checked like the weights. Before a build the engine's threads
+    are set for the Spark task; after a build in a Spark task what exists is frozen
+    (:func:`freeze_in_spark_worker`).
     """
-    key = (model_name, weights_path, pooling, weights_sha256, engine)
-    return _cached(key, lambda: FeatureExtractor(model_name, local_weights(weights_path, weights_sha256),
-                                                 pooling, engine))
+    key = (model_name, weights_path, pooling, weights_sha256, engine, model_files)
+    return _cached(key, lambda: _build_extractor(model_name, weights_path, pooling, weights_sha256, engine,
+                                                 model_files))
 
 
 def get_keras_model(path: str, sha256: str | None):
     """A saved Keras model (``.keras``, e.g. a trained classifier) loaded once per process, in the
-    same cache as the extractors; ``path`` is the driver's, shipped ``by_content`` off local mode
-    (:func:`ship_file`, :func:`local_file`)."""
-    shipped_name = content_name(path, sha256) if sha256 else None
-
-    def load():
-        from .networks import preprocess_layer_class
-        import keras
-
-        preprocess_layer_class()  # registered before loading: saved networks use it
-        return keras.saving.load_model(local_file(path, sha256, shipped_name, what="model file"), compile=False)
-
-    return _cached(("keras-model", path, sha256), load)
+    extractors' cache; ``path`` is the driver's, the file used :func:`local_file`'s (the driver
+    ships it with :func:`imagefeaturizer.shipping.ship_file`)."""
+    return _cached(("keras-model", path, sha256), lambda: _load_keras_model(path, sha256))
 
 
 def _cached(key: tuple, build):
-    """The cached item for ``key``, built on first use after the process set-up (threads, GPUs),
-    the least recently used item evicted when the cache is full."""
+    """The cached item for ``key`` (an extractor or a Keras model), built on first use; the most
+    recently used last."""
     with _LOCK:
         item = _EXTRACTORS.pop(key, None)
         if item is None:
-            configure_threads()
-            if len(_EXTRACTORS) >= MAX_EXTRACTORS:
-                _evict_oldest()
-            configure_gpus()  # before the model is built: memory growth must come first
             item = build()
-            freeze_in_spark_worker()
         _EXTRACTORS[key] = item
         return item
+
+
+def _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, model_files) -> FeatureExtractor:
+    uses_tensorflow = not engine_class(engine).exported
+    if uses_tensorflow:
+        use_task_gpus()  # before TensorFlow initialises its devices
+        configure_threads()
+        source = local_weights(weights_path, weights_sha256)
+    elif not model_files:
+        raise ValueError(f"the {engine} engine runs an exported model, but no model files were given")
+    else:
+        source = [local_file(path, sha, "exported model file") for path, sha in model_files][0]
+    if len(_EXTRACTORS) >= MAX_EXTRACTORS:
+        _evict_oldest()
+    if uses_tensorflow:
+        configure_gpus()  # before the model is built: memory growth must come first
+    extractor = FeatureExtractor(model_name, source, pooling, engine, task_threads(engine))
+    freeze_in_spark_worker()
+    return extractor
+
+
+def _load_keras_model(path: str, sha256: str | None):
+    use_task_gpus()  # before TensorFlow initialises its devices
+    configure_threads()
+    source = local_file(path, sha256, "model file")
+    if len(_EXTRACTORS) >= MAX_EXTRACTORS:
+        _evict_oldest()
+    configure_gpus()
+    import keras
+
+    from .networks import preprocess_layer_class
+
+    preprocess_layer_class()  # registered before loading: saved networks use it
+    model = keras.saving.load_model(source, compile=False)
+    freeze_in_spark_worker()
+    return model
 
 
 def _evict_oldest() -> None:
@@ -159,28 +189,29 @@ def _evict_oldest() -> None:
         _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
     gc.unfreeze()
     gc.collect()
-    import keras
-
-    keras.backend.clear_session(free_memory=True)
+    if "keras" in sys.modules:  # a Keras model may have been dropped (an OpenVINO worker has no Keras)
+        sys.modules["keras"].backend.clear_session(free_memory=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Process set-up
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ThreadSettings:
-    intra_op: int  # threads inside one operation (a convolution)
-    inter_op: int  # operations run at once
-
-
 def thread_settings(task_cpus: int) -> ThreadSettings:
     """TensorFlow threads for a Spark task given ``task_cpus`` cores (``spark.task.cpus``).
 
     In local mode on N cores Spark runs N tasks at once, each in its own Python worker: one
     TensorFlow thread per task core keeps the machine at N busy threads instead of N x N.
     """
-    cpus = max(1, int(task_cpus))
-    return ThreadSettings(intra_op=cpus, inter_op=min(2, cpus))
+    return TensorFlowEngine.thread_settings(task_cpus)
+
+
+def task_threads(engine: str) -> ThreadSettings | None:
+    """The threads of ``engine`` for the current Spark task (one per task core), None outside one
+    (the engine's default: every core)."""
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    return None if task is None else engine_class(engine).thread_settings(task.cpus())
 
 
 _threads_configured = False
@@ -208,6 +239,42 @@ def configure_threads() -> ThreadSettings | None:
     except RuntimeError:
         return None  # TensorFlow already initialised in this process: its settings stay
     return settings
+
+
+_gpus_decided = False
+
+
+def task_gpus() -> list[str]:
+    """The addresses of the GPUs Spark assigned to the running task (``TaskContext.resources()``
+    with GPU scheduling: ``spark.task.resource.gpu.amount``), else []."""
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    if task is None:
+        return []
+    try:
+        gpu = task.resources().get("gpu")
+    except Exception:  # noqa: BLE001 - a context without resources: no GPU scheduling
+        return []
+    return [str(a) for a in gpu.addresses] if gpu is not None else []
+
+
+def use_task_gpus() -> list[str] | None:
+    """Make TensorFlow see only the GPUs Spark assigned to this task (``CUDA_VISIBLE_DEVICES``),
+    once per process, before TensorFlow initialises its devices; without it every worker would
+    use the first GPU it sees. Returns the addresses used (None: nothing assigned, or decided
+    before). A Python worker keeps its first task's GPU: Spark may reuse it for a task given
+    another GPU, and TensorFlow cannot move then. Untested on real GPUs (none here)."""
+    global _gpus_decided
+    if _gpus_decided:
+        return None
+    _gpus_decided = True
+    addresses = task_gpus()
+    if not addresses:
+        return None
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA numbers = nvidia-smi's, as discovery reports
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(addresses)
+    return addresses
 
 
 def configure_gpus() -> None:
@@ -253,24 +320,24 @@ def drop_zip_finders() -> None:
 
 
 def local_weights(weights_path: str | None, weights_sha256: str | None) -> str | None:
-    """The weights file as this process sees it, checked against the driver's sha256
-    (:func:`local_file`); None for random weights."""
-    return None if weights_path is None else local_file(weights_path, weights_sha256)
-
-
-def local_file(driver_path: str, sha256: str | None, shipped_name: str | None = None,
-               what: str = "weights file") -> str:
-    """A file of the driver as this process sees it, checked against the driver's sha256.
+    """The weights file as this process sees it, checked against the driver's sha256.
 
     The driver's path when it is readable here (same machine, or storage every node mounts at
-    the same path), else the copy the driver shipped through SparkFiles (:func:`ship_file`;
-    named ``shipped_name``, default the file's name). A missing file or one whose sha256 differs
-    from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
+    the same path), else the copy the driver shipped (:func:`shipped_name`, or a file of the same
+    name shipped by hand, e.g. ``spark-submit --files``). A missing file or one whose sha256
+    differs from the driver's is a :class:`~imagefeaturizer.backbones.WeightsError`.
     """
+    return None if weights_path is None else local_file(weights_path, weights_sha256, "weights file")
+
+
+def local_file(driver_path: str, sha256: str | None, what: str) -> str:
+    """A file the driver named (weights, an exported model's file) as this process sees it: the
+    driver's path when readable here, else the shipped copy; checked against the driver's sha256
+    (a :class:`~imagefeaturizer.backbones.WeightsError` naming ``what`` and the fix otherwise)."""
     import socket
 
     host = socket.gethostname()
-    path = driver_path if os.path.isfile(driver_path) else _shipped_copy(shipped_name or os.path.basename(driver_path))
+    path = driver_path if os.path.isfile(driver_path) else _shipped_copy(driver_path, sha256)
     if not os.path.isfile(path):
         raise backbones.WeightsError(
             f"{what} {driver_path} is not readable on {host} and no copy was shipped: put it "
@@ -288,62 +355,42 @@ def local_file(driver_path: str, sha256: str | None, shipped_name: str | None = 
     return path
 
 
-def _shipped_copy(name: str) -> str:
-    """Where SparkFiles put the driver's copy of the file ``name`` here ("" outside Spark)."""
+def shipped_name(weights_path: str, weights_sha256: str | None) -> str:
+    """The name the driver ships a weights file under: its sha256 prefix and its file name, so two
+    files of the same name never collide in one application or Spark Connect session."""
+    base = os.path.basename(weights_path)
+    return f"{weights_sha256[:16]}-{base}" if weights_sha256 else base
+
+
+def _shipped_copy(weights_path: str, weights_sha256: str | None = None) -> str:
+    """Where SparkFiles put the driver's copy of ``weights_path`` here ("" when none)."""
     from pyspark import SparkFiles
 
     try:
-        return SparkFiles.get(name)
+        root = SparkFiles.getRootDirectory()
     except Exception:  # noqa: BLE001 - no SparkFiles root: not in a Spark process
         return ""
+    for name in dict.fromkeys((shipped_name(weights_path, weights_sha256), os.path.basename(weights_path))):
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return ""
 
 
-# Per SparkContext (dropped with it): (path, size, mtime, by content) -> sha256, for files
-# already hashed and shipped.
-_SHIPPED: "weakref.WeakKeyDictionary[object, dict[tuple, str]]" = weakref.WeakKeyDictionary()
+TEST_HOLD_ENV = "IMAGEFEATURIZER_TEST_HOLD"
+"""Test hook: ``<point>:<marker file>`` makes a task that reaches ``point`` wait (see below)."""
 
 
-def content_name(path: str, sha256: str) -> str:
-    """The name a file shipped ``by_content`` has on executors: its sha256 prefix and its name."""
-    return f"{sha256[:16]}-{os.path.basename(path)}"
-
-
-def ship_file(sc, path: str, by_content: bool = False) -> str:
-    """The sha256 of a driver file, computed once per SparkContext (and file version).
-
-    Off local mode the file is also shipped to every executor (``SparkContext.addFile``, each
-    executor fetches it once), unless the Spark setting ``spark.imagefeaturizer.shipWeights`` is
-    ``false`` because the path is on storage every node reads. ``by_content``: shipped under
-    :func:`content_name` (files of one name from several folders, e.g. ``model.keras``).
-    Executors find and check it with :func:`local_file`.
-    """
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns, by_content)
-    known = _SHIPPED.setdefault(sc, {})
-    if key not in known:
-        known[key] = sha = backbones.file_sha256(path)
-        ship = sc.getConf().get(SHIP_WEIGHTS_CONF, "true").strip().lower() != "false"
-        if ship and not sc.master.startswith("local"):
-            sc.addFile(_named_copy(path, content_name(path, sha)) if by_content else path)
-    return known[key]
-
-
-def _named_copy(path: str, name: str) -> str:
-    """A copy of ``path`` named ``name``, one path per name in this process (Spark refuses a
-    second file of one name from another path); removed when the process ends."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder = os.path.join(tempfile.gettempdir(), f"imagefeaturizer-ship-{os.getpid()}")
-    if not os.path.isdir(folder):
-        os.makedirs(folder)
-        atexit.register(shutil.rmtree, folder, True)
-    copy = os.path.join(folder, name)
-    if not os.path.isfile(copy):
-        shutil.copyfile(path, copy + ".tmp")
-        os.replace(copy + ".tmp", copy)
-    return copy
+def hold_for_tests(point: str, seconds: float = 600.0) -> None:
+    """Nothing, unless the environment holds ``IMAGEFEATURIZER_TEST_HOLD=<point>:<marker file>``:
+    then a task reaching ``point`` ("featurize": the featurizer's UDF; the app names its own)
+    creates the marker file and waits, so that a test can interrupt a job at a known step
+    without guessing a time."""
+    point_set, _, marker = os.environ.get(TEST_HOLD_ENV, "").partition(":")
+    if point_set != point or not marker:
+        return
+    with open(marker, "a", encoding="utf-8"):
+        pass
+    time.sleep(seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,35 +409,49 @@ class FeaturizeTask:
     handle_invalid: str = "error"  # or "skip": the invalid image's row gets None
     max_pixels: int = DEFAULT_MAX_PIXELS
     engine: str = DEFAULT_ENGINE
+    with_maps: bool = False  # also return the last feature maps (same forward pass)
+    model_files: tuple[tuple[str, str], ...] = ()  # an exported engine's files: (driver path, sha256)
 
 
 def featurize_batches(
     task: FeaturizeTask, batches: Iterator[tuple[pd.Series, pd.Series]]
-) -> Iterator[pd.Series]:
-    """Features for each Arrow batch of (images, origins), the UDF's body."""
+) -> Iterator[pd.Series | pd.DataFrame]:
+    """Features (and maps, :attr:`FeaturizeTask.with_maps`) for each Arrow batch of (images,
+    origins), the UDF's body."""
     for images, origins in batches:
+        hold_for_tests("featurize")
         yield featurize_series(task, images, origins)
         drop_zip_finders()  # imports of this batch included
 
 
-def featurize_series(task: FeaturizeTask, images: pd.Series | pd.DataFrame, origins: pd.Series) -> pd.Series:
+def featurize_series(
+    task: FeaturizeTask, images: pd.Series | pd.DataFrame, origins: pd.Series
+) -> pd.Series | pd.DataFrame:
     """Features for one Arrow batch; an invalid image raises, or its row is None (``skip``).
 
     ``images`` holds bytes, or is Spark's image struct (one column per field); ``origins`` names
     each image in error messages (null: its row number in the batch). Every image is decoded
     before the extractor is fetched: bad data fails fast, and a batch of only invalid images
-    builds no model.
+    builds no model. With ``task.with_maps`` the result is a frame of ``features`` and ``maps``
+    (each image's last feature maps, flattened in (height, width, channels) order).
     """
     records = images.to_dict("records") if isinstance(images, pd.DataFrame) else list(images)
     arrays, keep = _decode_batch(task, records, origins)
-    result = [None] * len(records)
+    features, maps = [None] * len(records), [None] * len(records)
     if arrays:
-        extractor = get_extractor(
-            task.model_name, task.weights_path, task.pooling, task.weights_sha256, task.engine
-        )
-        for i, features in zip(keep, extractor.predict(arrays, task.batch_size)):
-            result[i] = features
-    return pd.Series(result, dtype=object)
+        extractor = get_extractor(task.model_name, task.weights_path, task.pooling, task.weights_sha256,
+                                  task.engine, task.model_files)
+        if task.with_maps:
+            rows, grids = extractor.predict_with_maps(arrays, task.batch_size)
+            for i, grid in zip(keep, grids):
+                maps[i] = grid.ravel()
+        else:
+            rows = extractor.predict(arrays, task.batch_size)
+        for i, row in zip(keep, rows):
+            features[i] = row
+    if task.with_maps:
+        return pd.DataFrame({"features": features, "maps": maps})
+    return pd.Series(features, dtype=object)
 
 
 def _decode_batch(task: FeaturizeTask, records: list, origins: pd.Series) -> tuple[list[np.ndarray], list[int]]:

@@ -39,10 +39,10 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from . import backbones
+from . import backbones, shipping
 from .images import DEFAULT_MAX_PIXELS
 from .networks import NetworkSpec, build_network, set_trainable_units
-from .runtime import configure_gpus, decode_batch, local_file, ship_file
+from .runtime import configure_gpus, decode_batch, local_weights, use_task_gpus
 
 RESULT_SCHEMA = "kind string, part int, data binary"
 CHUNK = 16 * 1024 * 1024  # bytes of the model file per result row
@@ -100,7 +100,8 @@ def fit_on_spark(rows, spec: TrainSpec, *, content_col: str = "content", label_c
     """
     weights_sha = None
     if spec.network.weights_path:
-        weights_sha = ship_file(rows.sparkSession.sparkContext, spec.network.weights_path)
+        weights_sha = shipping.weights_sha256(rows.sparkSession, spec.network.weights_path)
+    shipping.ensure_package(rows.sparkSession)  # when workers may not import this package
     spec = dataclasses.replace(spec, weights_sha256=weights_sha)
     cols = rows.select(rows[content_col].alias("content"), rows[label_col].cast("int").alias("label"),
                        rows[validation_col].alias("validation"), rows[origin_col].cast("string").alias("origin"))
@@ -124,7 +125,8 @@ def train_task(spec: TrainSpec, batches: Iterator[pd.DataFrame]) -> Iterator[pd.
         cache_seconds = time.perf_counter() - started
         network = spec.network
         if network.weights_path:  # this machine's copy, checked against the driver's sha256
-            network = dataclasses.replace(network, weights_path=local_file(network.weights_path, spec.weights_sha256))
+            network = dataclasses.replace(network, weights_path=local_weights(network.weights_path, spec.weights_sha256))
+        use_task_gpus()  # the GPU(s) Spark gave this task, the only ones the child process sees
         run_child(workdir, dataclasses.replace(spec, network=network))
         with open(os.path.join(workdir, HISTORY_FILE), encoding="utf-8") as f:
             history = json.load(f)

@@ -1,9 +1,11 @@
 """Charts of experiments and sweeps, each written atomically as PNG.
 
-Per experiment: the confusion matrix, the ROC curve(s) and the learning curve (the
-LogisticRegression objective per iteration); per sweep: the backbones side by side.
-Charts use matplotlib's Agg renderer through ``matplotlib.figure.Figure`` (no pyplot, no display,
-no global state); matplotlib is imported only when a chart is drawn.
+Per experiment: the confusion matrix, the ROC curve(s), the learning curve (the
+LogisticRegression objective per iteration) and the gallery of class activation maps; per sweep:
+the backbones side by side. Charts use matplotlib's Agg renderer through
+``matplotlib.figure.Figure`` (no pyplot, no display, no global state); matplotlib is imported only
+when a chart is drawn. One image's class activation map (``explain``) is drawn with Pillow: many
+of them are written at a time, and a matplotlib figure each would cost more than the map.
 """
 
 from __future__ import annotations
@@ -251,3 +253,85 @@ def _summary_title(rows: list[dict[str, Any]]) -> str:
         if "random" in weights:
             title += " (random: untrained backbones, NOT transfer learning)"
     return title
+
+
+# --------------------------------------------------------------------------- class activation maps
+
+HEAT_ALPHA = 0.45  # weight of the heat colours over the image
+
+
+def heat_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The image (H, W) or (H, W, 3) uint8 under a "jet" heat map of ``cam`` (H, W), from the
+    map's minimum (blue) to its maximum (red); (H, W, 3) uint8."""
+    from matplotlib import colormaps
+
+    lo, hi = float(cam.min()), float(cam.max())
+    scaled = (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
+    heat = colormaps["jet"](scaled)[..., :3] * 255.0
+    base = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+    return np.clip(base * (1 - HEAT_ALPHA) + heat * HEAT_ALPHA, 0, 255).astype(np.uint8)
+
+
+CAM_PNG_MIN_SIDE = 384  # overlays of smaller images are enlarged to this width for reading
+
+
+def cam_png(image: np.ndarray, cam: np.ndarray, title: list[str], peak: tuple[float, float], path: str) -> None:
+    """One image with its map: title lines above, the overlay with the peak marked (a white cross,
+    the image enlarged to :data:`CAM_PNG_MIN_SIDE` pixels wide when smaller), a colour bar with the
+    map's range below; written atomically as PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    overlay = Image.fromarray(heat_overlay(image, cam))
+    if overlay.width < CAM_PNG_MIN_SIDE:
+        scale = CAM_PNG_MIN_SIDE / overlay.width
+        overlay = overlay.resize((CAM_PNG_MIN_SIDE, round(overlay.height * scale)), Image.Resampling.BILINEAR)
+    line = 17
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = int(max([overlay.width + 12] + [probe.textlength(t, font=font) + 12 for t in title]))
+    canvas = Image.new("RGB", (width, line * len(title) + overlay.height + 12 + 2 * line + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(title):
+        draw.text((6, 3 + i * line), text, fill="black", font=font)
+    left, top = (width - overlay.width) // 2, line * len(title) + 6
+    canvas.paste(overlay, (left, top))
+    x, y = left + peak[0] * overlay.width, top + peak[1] * overlay.height
+    draw.line([(x - 7, y), (x + 7, y)], fill="white", width=2)
+    draw.line([(x, y - 7), (x, y + 7)], fill="white", width=2)
+    _colour_bar(canvas, draw, font, (left, top + overlay.height + 6, overlay.width), (float(cam.min()), float(cam.max())))
+    with atomic_file(path) as f:
+        canvas.save(f, format="PNG")
+
+
+def _colour_bar(canvas, draw, font, box: tuple[int, int, int], value_range: tuple[float, float]) -> None:
+    """The heat colours from the map's minimum to its maximum, both values below its ends."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    left, top, width = box
+    ramp = (colormaps["jet"](np.linspace(0, 1, width))[None, :, :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(ramp, 10, axis=0)), (left, top))
+    lo, hi = f"{value_range[0]:.3g}", f"{value_range[1]:.3g}"
+    draw.text((left, top + 12), lo, fill="black", font=font)
+    draw.text((left + width - draw.textlength(hi, font=font), top + 12), hi, fill="black", font=font)
+    note = "map value (its mean over the image is the class score)"
+    draw.text((left + (width - draw.textlength(note, font=font)) / 2, top + 29), note, fill="black", font=font)
+
+
+def cam_gallery_chart(panels: list[dict], title: str, path: str, columns: int = 5) -> "Figure":
+    """A grid of overlays (``heat_overlay`` arrays), each titled with its ``label``, green when
+    ``correct`` and red when not. ``panels``: dicts with keys overlay, label, correct."""
+    cols = max(1, min(columns, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig = _figure(2.4 * cols + 0.4, 2.75 * rows + 0.9)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, panel in zip(axes, panels):
+        ax.imshow(panel["overlay"])
+        ax.set_title(panel["label"], fontsize=8, color="#1a7f37" if panel["correct"] else "#c62828")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no test images to show", ha="center", va="center", transform=axes[0].transAxes)
+    fig.suptitle(title, fontsize=10)
+    save_figure_atomic(fig, path)
+    return fig

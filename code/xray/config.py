@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from imagefeaturizer.backbones import BACKBONES, POOLINGS
+from imagefeaturizer.engines import ENGINE_CHOICES
 from imagefeaturizer.networks import SCRATCH_MODELS
 
 from .errors import ConfigError
 
 HANDLE_INVALID = ("error", "skip")
+NEAR_DUPLICATE_THRESHOLD = 0.995  # split.near_duplicate_threshold when not set
 JOBS = ("experiment", "resize", "download")
 TRAIN = ("probe", "finetune", "scratch")  # frozen backbone + LogisticRegression | fine-tune a backbone | SmallCNN
 
@@ -75,6 +78,24 @@ _CLASSIFIER = {  # Spark ML LogisticRegression
     "standardization": _typed(bool),
 }
 
+
+def _group_pattern(key, value):
+    """A regular expression with at least one capturing group, or empty (one group per image)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a regular expression (string), got {value!r}")
+    try:
+        compiled = re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key}: {value!r} is not a valid regular expression ({exc}): fix it, "
+                          f"or set it empty for one group per image") from None
+    if compiled.groups < 1:
+        raise ConfigError(f"{key}: {value!r} has no capturing group: put the part of the file name that "
+                          f"names the group in parentheses, e.g. '^(\\d{{8}})_\\d{{3}}'")
+    return value
+
+
 SCHEMA: dict[str, Any] = {
     "job": _choice(*JOBS),
     "model": _choice(*BACKBONES, *SCRATCH_MODELS),
@@ -87,8 +108,14 @@ SCHEMA: dict[str, Any] = {
     "seed": _typed(int),
     "test_fraction": _typed(float, minimum=0.01, maximum=0.9),
     "cv_folds": _typed(int, minimum=0, maximum=20),
+    "split": {
+        "group_pattern": _group_pattern,  # regex on the file name; its first group names the group
+        "near_duplicate_threshold": _typed(float, minimum=0.9, maximum=1.0),  # cosine similarity
+    },
     "results_dir": _text,
     "cache_dir": _text,
+    "engine": _choice(*ENGINE_CHOICES),
+    "model_cache_dir": _text,
     "dataset": {
         "raw_dir": _text,
         "resized_dir": _text,
@@ -116,11 +143,23 @@ SCHEMA: dict[str, Any] = {
         "image_size": _typed(int, minimum=0, maximum=4096),
     },
     "finetune": {"unfreeze": _typed(int, minimum=0)},
+    "explain": {  # every run's class activation maps (xray.explain)
+        "sample_per_class": _typed(int, minimum=0),
+        "gallery_per_class": _typed(int, minimum=0),
+        "gallery_misclassified": _typed(int, minimum=0),
+        "border_warning": _typed(float, minimum=0.0, maximum=1.0),
+    },
     "spark": {
         "master": _text,
+        "remote": _text,  # optional: a Spark Connect server, sc://host:15002, or local (starts one)
         "app_name": _text,
         "driver_memory": _text,
         "conf": OpenMap(),
+    },
+    "tracking": {  # MLflow (xray/tracking.py)
+        "mlflow": _typed(bool),
+        "uri": _text,
+        "experiment": _text,
     },
 }
 
@@ -168,6 +207,19 @@ class Experiment:
     @property
     def cache_dir(self) -> str:
         return self.path(self.settings["cache_dir"])
+
+    @property
+    def group_pattern(self) -> str:
+        """``split.group_pattern``; empty: one group per image."""
+        return self.settings.get("split", {}).get("group_pattern") or ""
+
+    @property
+    def near_duplicate_threshold(self) -> float:
+        return self.settings.get("split", {}).get("near_duplicate_threshold", NEAR_DUPLICATE_THRESHOLD)
+
+    @property
+    def model_cache_dir(self) -> str:
+        return self.path(self.settings.get("model_cache_dir", "cache/models"))
 
     @property
     def weights(self) -> str:
@@ -230,8 +282,13 @@ def parse_set(assignment: str) -> tuple[list[str], Any]:
             raise ConfigError(f"--set {assignment!r}: unknown key {key!r} (allowed: {known})")
         path.append(part)
         schema = schema[part]
+    if isinstance(schema, OpenMap):
+        raise ConfigError(f"--set {assignment!r}: {key!r} is a section of Spark settings; set one of them, "
+                          f"e.g. --set {key}.spark.executor.memory=4g")
     if isinstance(schema, dict):
         raise ConfigError(f"--set {assignment!r}: {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(schema))}=...")
+    if schema is _group_pattern and not isinstance(value, str):  # YAML read a regex such as '^(\w+): x'
+        value = raw
     return path, value
 
 
@@ -306,7 +363,13 @@ def load_config(path: str = "config.yaml") -> Config:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found: run from the project folder or pass --config PATH") from None
+        raise ConfigError(f"config file {path!r} not found: give an existing file with --config PATH "
+                          f"(before or after the command: ./wrapper.sh --config PATH run <experiment>)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          f"save it as UTF-8") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror}): give a readable file with --config PATH") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else path

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from imagefeaturizer.images import IMAGE_EXTENSIONS, is_image_file
 
 from .errors import DataError
+from .paths import file_uri, local_path
+from .session import default_parallelism
 
 LABEL = "label"  # the column of an image's class (its class folder's name)
 _EXTENSIONS = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -155,20 +158,38 @@ def list_images(path: str) -> list[str]:
     return found
 
 
-def load_images(spark: SparkSession, root: str, classes: list[str]) -> DataFrame:
-    """(path, label, content) for the PNGs of each class folder of the resized data set; read by executors."""
-    frames = [
-        spark.read.format("binaryFile")
-        .option("pathGlobFilter", "*.png")
-        .option("recursiveFileLookup", "true")
-        .load(os.path.join(root, cls))
-        .select("path", F.lit(cls).alias(LABEL), "content")
-        for cls in classes
-    ]
-    result = frames[0]
-    for frame in frames[1:]:
-        result = result.unionByName(frame)
-    return result
+FILES_PER_TASK = 32  # images a loading task reads (about what binaryFile's 128 MB splits hold)
+_IMAGE_COLUMNS = "path string, label string, content binary"
+
+
+def load_images(spark: SparkSession, files: list[tuple[str, str | None]]) -> DataFrame:
+    """(path, label, content) of exactly these image files: (local path, label) pairs; read by executors.
+
+    ``path`` is a ``file:`` URI, as Spark's ``binaryFile`` source gives, but no file is left out:
+    that source skips names starting with '_' or '.' (Hadoop's hidden files) and reads glob
+    characters in paths as patterns. A file that cannot be read gets a null ``content``, which
+    the featurizer reports as an invalid image naming it. Executors must see the same paths (local
+    mode, or storage every node mounts at the same place).
+    """
+    rows = [(file_uri(path), label) for path, label in files]
+    tasks = max(1, min(len(rows), max(default_parallelism(spark), -(-len(rows) // FILES_PER_TASK))))
+    listed = spark.createDataFrame(rows, "path string, label string").repartition(tasks)  # no RDD: Spark Connect too
+    return listed.mapInPandas(_read_files, schema=_IMAGE_COLUMNS)
+
+
+def _read_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Executor side of :func:`load_images`: each row's file bytes (None when unreadable)."""
+    for batch in batches:
+        batch["content"] = [_read_bytes(local_path(uri)) for uri in batch["path"]]
+        yield batch
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- bad files, audit, source cue

@@ -20,12 +20,13 @@ from pyspark.ml.feature import IndexToString, StringIndexer, StringIndexerModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from imagefeaturizer.export import EngineError, EnginePlan
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
 from .atomic import atomic_folder
 from .config import Experiment
 from .data import LABEL
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluation import auc, classification_metrics, spread
 
 LABEL_INDEX, PREDICTED = "label_index", "predicted_label"
@@ -43,7 +44,20 @@ def make_featurizer(exp: Experiment) -> KerasImageFeaturizer:
         batchSize=exp["batch_size"],
         handleInvalid=exp["handleInvalid"],
         maxImagePixels=exp["max_image_pixels"],
+        engine=exp.settings.get("engine", "auto"),
+        modelCacheDir=exp.model_cache_dir,
     )
+
+
+def prepare_engine(spark, featurizer: KerasImageFeaturizer, log=print) -> EnginePlan:
+    """Which engine runs the featurizer (exporting its model first when needed), said in ``log``;
+    an engine named in the config that cannot run is a one-line :class:`ConfigError`."""
+    try:
+        plan = featurizer.resolveEngine(spark, log=log)
+    except EngineError as exc:
+        raise ConfigError(str(exc)) from None
+    log(plan.describe())
+    return plan
 
 
 def make_classifier(settings: dict, n_classes: int) -> LogisticRegression:
@@ -79,8 +93,7 @@ def fit_head(train: DataFrame, settings: dict, n_classes: int
 
 def fit_rows(rows: DataFrame) -> DataFrame:
     """Training rows in as few partitions as their size allows (see :func:`fit_head`)."""
-    partitions = max(1, min(rows.rdd.getNumPartitions(), -(-rows.count() // ROWS_PER_FIT_PARTITION)))
-    return rows.coalesce(partitions)
+    return rows.coalesce(max(1, -(-rows.count() // ROWS_PER_FIT_PARTITION)))  # never more than they have
 
 
 def index_to_string(indexer_model: StringIndexerModel) -> IndexToString:
@@ -113,7 +126,7 @@ def evaluate(head: tuple, rows: DataFrame, classes: list[str]) -> tuple[dict, di
 
 def cross_validate(train: DataFrame, settings: dict, classes: list[str], folds: int) -> dict:
     """Stratified k-fold cross-validation on the training split (the ``fold`` column of
-    :func:`xray.split.with_split`).
+    :func:`xray.split.assign_split`: group folds, each group in one fold).
 
     Fold ``f`` is validated by a head fitted on the other folds; the test split is never used.
     Returns the per-fold metrics and their mean, standard deviation (ddof=1), min and max.

@@ -9,6 +9,11 @@ and the preprocessing version.
 
 The featurization job is one Spark stage (read, hash, pick the new images, featurize, write) so
 that :class:`xray.progress.Progress` can report it from the stage's finished tasks.
+
+Faults (:mod:`xray.cache_parts`): each part is checked before Spark reads it, and a damaged one
+is moved to ``<cache_dir>/quarantine/`` and featurized again; temporary parts of killed runs are
+removed (a running run's stay), and a failed run leaves no empty cache folder. Runs may write the
+same cache at once: each writes its own part, and rows of contents in two parts are read once.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from pyspark.sql import functions as F
 
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
+from imagefeaturizer.images import InvalidImageError, decode_to_pil
 
 from .atomic import atomic_folder
+from .cache_parts import remove_killed_runs_parts, removed_if_left_empty, usable_parts
+from .paths import local_path, spark_literal
 from .progress import Progress
 
 # Bump when decoding, resizing or preprocessing changes what a feature vector holds.
@@ -43,6 +51,7 @@ class FeaturizeStats:
     rate_source: str  # "this run" | "cache" | "none"
     featurized_for_others: int = 0  # images of other labels featurized in the same job (``keep``)
     keys: list = field(default_factory=list, repr=False)  # (path, label) of the returned rows' images
+    skipped: dict = field(default_factory=dict)  # local path -> reason: left out by handleInvalid=skip
 
 
 def weights_id(model_name: str, weights: str) -> str:
@@ -65,16 +74,6 @@ def cache_folder(cache_dir: str, featurizer: KerasImageFeaturizer) -> str:
     return os.path.join(cache_dir, name)
 
 
-def _parts(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(
-        os.path.join(folder, p)
-        for p in os.listdir(folder)
-        if p.startswith("part-") and os.path.isfile(os.path.join(folder, p, "_SUCCESS"))
-    )
-
-
 def featurize_cached(
     spark, images: DataFrame, featurizer: KerasImageFeaturizer, cache_dir: str | None, log=print,
     keep: list[str] | None = None,
@@ -93,40 +92,68 @@ def featurize_cached(
     if cache_dir is None:
         return _featurize_uncached(spark, keyed, featurizer, log)
 
+    remove_killed_runs_parts(cache_dir, log)
     folder = cache_folder(cache_dir, featurizer)
     keys = keyed.select("path", "label", "sha256").collect()  # small: a path, label and hash per image
     wanted = set(keep) if keep is not None else None
     own = [r for r in keys if wanted is None or r.label in wanted]
-    cache = _read_cache(spark, folder)
+    cache = _read_cache(spark, folder, log)
     todo = _new_contents(keys, cache.hashes)
-    n_own_missing = len({r.sha256 for r in own if r.sha256 not in cache.hashes})
-    n_cached = len(own) - sum(1 for r in own if r.sha256 not in cache.hashes)
-    seconds, n_done = 0.0, 0
+    own_missing = {r.sha256 for r in own if r.sha256 not in cache.hashes}
+    n_cached = sum(1 for r in own if r.sha256 in cache.hashes)
+    seconds, written = 0.0, set()
     if todo:
-        others = f", {len(todo) - n_own_missing} of them for other tasks" if len(todo) > n_own_missing else ""
+        others = f", {len(todo) - len(own_missing)} of them for other tasks" if len(todo) > len(own_missing) else ""
         log(f"featurizing {len(todo)} images with {featurizer.getModelName()} ({n_cached} of {len(own)} already "
             f"cached{others})")
-        seconds, n_done = _write_part(spark, keyed, featurizer, folder, todo, cache, log)
-    parts = _parts(folder) if todo else sorted(cache.seen)
-    rate, source = (n_done / seconds, "this run") if n_done and seconds > 0 else _recorded_rate(parts)
-    joined = _features_for(spark, parts, own, dedupe=not (cache.unique and cache.seen.issuperset(parts)))
-    n_own_done = min(n_own_missing, n_done)
-    stats = FeaturizeStats(len(own), n_own_done, n_cached, seconds, rate, source, n_done - n_own_done,
-                           keys=[(r.path, r.label) for r in own])
+        seconds, written = _write_part(spark, keyed, featurizer, folder, todo, cache, log)
+    parts = sorted(cache.seen)
+    rate, source = (len(written) / seconds, "this run") if written and seconds > 0 else _recorded_rate(parts)
+    joined = _features_for(spark, parts, own, dedupe=not cache.unique)
+    n_own_done = len(own_missing & written)
+    dropped = set(todo) - written  # contents the featurizer left out (handleInvalid=skip)
+    skipped = _name_skipped([r.path for r in own if r.sha256 in dropped], featurizer, log)
+    stats = FeaturizeStats(len(own), n_own_done, n_cached, seconds, rate, source, len(written) - n_own_done,
+                           keys=[(r.path, r.label) for r in own], skipped=skipped)
     return joined, stats
 
 
 def _featurize_uncached(spark, keyed: DataFrame, featurizer: KerasImageFeaturizer, log) -> tuple[DataFrame, FeaturizeStats]:
     """No cache folder: featurize every image, keep the features in Spark's cache for this run."""
-    total = keyed.count()
+    paths = [r.path for r in keyed.select("path").collect()]
     start = time.perf_counter()
     feats = featurizer.transform(keyed).select("path", "label", "sha256", "features").persist()
-    with Progress(spark, total, log):
+    with Progress(spark, len(paths), log):
         n = feats.count()
     seconds = time.perf_counter() - start
     keys = [(r.path, r.label) for r in feats.select("path", "label").collect()]
-    stats = FeaturizeStats(total, n, 0, seconds, n / seconds if seconds > 0 else None, "this run", keys=keys)
+    done = {path for path, _ in keys}
+    skipped = _name_skipped([p for p in paths if p not in done], featurizer, log)
+    stats = FeaturizeStats(len(paths), n, 0, seconds, n / seconds if seconds > 0 else None, "this run", keys=keys,
+                           skipped=skipped)
     return feats.drop("sha256"), stats
+
+
+def _name_skipped(paths: list[str], featurizer: KerasImageFeaturizer, log) -> dict[str, str]:
+    """Images the featurizer left out (``handleInvalid=skip``): local path -> why, logged in one line.
+
+    The reason is the decoder's, found again on the driver for these few files."""
+    reasons = {}
+    for uri in sorted(paths):
+        path = local_path(uri)
+        try:
+            with open(path, "rb") as f:
+                decode_to_pil(f.read(), max_pixels=featurizer.getMaxImagePixels(), origin=path)
+            reasons[path] = "left out by the featurizer"
+        except OSError as exc:
+            reasons[path] = f"cannot read file ({exc.strerror})"
+        except InvalidImageError as exc:
+            reasons[path] = exc.reason
+    if reasons:
+        shown = "; ".join(f"{p}: {why}" for p, why in list(reasons.items())[:10])
+        more = f"; and {len(reasons) - 10} more" if len(reasons) > 10 else ""
+        log(f"left out {len(reasons)} image(s) that did not decode (handleInvalid=skip): {shown}{more}")
+    return reasons
 
 
 @dataclass
@@ -138,11 +165,11 @@ class _Cache:
     seen: set[str]  # parts whose rows are counted in ``hashes`` (and the part this run writes)
 
 
-def _read_cache(spark, folder: str) -> _Cache:
+def _read_cache(spark, folder: str, log) -> _Cache:
     # One row a cached image, 64 bytes each: the parts hold each content once unless two runs
     # featurized the same new images at the same time (then the rows are deduplicated).
-    parts = _parts(folder)
-    rows = [r.sha256 for r in spark.read.parquet(*parts).select("sha256").collect()] if parts else []
+    parts = usable_parts(folder, log)
+    rows = [r.sha256 for r in _read_parts(spark, parts).select("sha256").collect()] if parts else []
     hashes = set(rows)
     return _Cache(hashes, len(hashes) == len(rows), set(parts))
 
@@ -157,24 +184,28 @@ def _new_contents(keys: list, cached: set[str]) -> dict[str, str]:
     return todo
 
 
+def _read_parts(spark, parts: list[str]) -> DataFrame:
+    return spark.read.parquet(*[spark_literal(p) for p in parts])
+
+
 def _write_part(spark, keyed: DataFrame, featurizer: KerasImageFeaturizer, folder: str, todo: dict[str, str],
-                cache: _Cache, log) -> tuple[float, int]:
-    """Featurize the chosen files into a new cache part; returns (seconds, rows written)."""
+                cache: _Cache, log) -> tuple[float, set[str]]:
+    """Featurize the chosen files into a new cache part; returns (seconds, the contents written)."""
     # A broadcast join keeps the job one stage (no shuffle): progress is that stage's tasks.
     chosen = spark.createDataFrame([(p,) for p in todo.values()], "path string")
     missing = keyed.join(F.broadcast(chosen), "path")
     part = os.path.join(folder, f"part-{uuid.uuid4().hex}")
-    with atomic_folder(part) as tmp:
+    with removed_if_left_empty(folder), atomic_folder(part) as tmp:
         start = time.perf_counter()
         with Progress(spark, len(todo), log):
             featurizer.transform(missing).select("sha256", "features").write.parquet(tmp)
         seconds = time.perf_counter() - start
-        new_rows = [r.sha256 for r in spark.read.parquet(tmp).select("sha256").collect()]
+        new_rows = [r.sha256 for r in _read_parts(spark, [tmp]).select("sha256").collect()]
         with open(os.path.join(tmp, "_stats.json"), "w", encoding="utf-8") as f:
             json.dump({"images": len(new_rows), "seconds": seconds}, f)
     cache.unique = cache.unique and len(set(new_rows)) == len(new_rows) and cache.hashes.isdisjoint(new_rows)
     cache.seen.add(part)
-    return seconds, len(new_rows)
+    return seconds, set(new_rows)
 
 
 def _features_for(spark, parts: list[str], own: list, dedupe: bool) -> DataFrame:
@@ -186,7 +217,7 @@ def _features_for(spark, parts: list[str], own: list, dedupe: bool) -> DataFrame
                                      "path string, label string, sha256 string")
     if not parts:
         return own_keys.limit(0).select("path", "label", F.lit(None).alias("features"))
-    feats = spark.read.parquet(*parts)
+    feats = _read_parts(spark, parts)
     if dedupe:
         feats = feats.dropDuplicates(["sha256"])
     return feats.join(F.broadcast(own_keys), "sha256", "inner").select("path", "label", "features")

@@ -1,12 +1,14 @@
 """``wrapper.sh predict <experiment or model folder> <image or folder>``: classify new images.
 
 The saved ``PipelineModel`` of an experiment (``results/<experiment>/model``) is loaded in this
-process and applied to image files read with Spark's ``binaryFile`` source. Each image is first
+process and applied to the image files listed (:func:`xray.data.load_images`: every file, whatever
+its name; folders may hold glob characters). Each image is first
 normalised exactly as the resize job normalised the training images (the same
 :func:`xray.resize.normalize_image`) (one mode, one square size,
 settings read from the ``config.json`` snapshot beside the model), so a new image reaches the
 backbone the way the training images did. One line per image is printed (path, predicted class,
-probability of each class) and the same rows are written to a CSV.
+probability of each class) and the same rows are written to a CSV. ``explain``
+(:mod:`xray.explain`) loads, normalises and reports through the same functions.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import csv
 import io
 import json
 import os
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -25,16 +30,16 @@ from imagefeaturizer.images import InvalidImageError
 
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, Experiment
-from .data import list_images
+from .data import list_images, load_images
 from .errors import DataError
 from .evaluation import wilson_interval
+from .paths import local_path, spark_literal
 from .progress import Progress
 from .resize import normalize_image
 from .session import spark_session
 
 PREDICTIONS = "predictions.csv"
 IMAGE_STAGES = ("KerasImageFeaturizer", "KerasImageClassifier")  # a linear probe's, a trained network's
-_GLOB_CHARS = "\\[]{}*?"
 
 
 def _normalize_udf(size: int, mode: str, max_pixels: int):
@@ -44,6 +49,10 @@ def _normalize_udf(size: int, mode: str, max_pixels: int):
     def normalize(contents: pd.Series, paths: pd.Series) -> pd.DataFrame:
         out, errors = [], []
         for raw, path in zip(contents, paths):
+            if raw is None:
+                out.append(None)
+                errors.append("cannot read file")
+                continue
             try:
                 out.append(normalize_image(bytes(raw), size=size, mode=mode, max_pixels=max_pixels, origin=path))
                 errors.append(None)
@@ -102,16 +111,7 @@ def _reported_test_accuracy(model_dir: str) -> dict | None:
         return None
 
 
-def _escape_glob(path: str) -> str:
-    """Spark treats []{}*? in a path as a glob; a backslash makes them literal."""
-    return "".join("\\" + c if c in _GLOB_CHARS else c for c in path)
-
-
-def _local(spark_path: str) -> str:
-    return os.path.normpath(spark_path[len("file:"):] if spark_path.startswith("file:") else spark_path)
-
-
-def _model_classes(model) -> list[str]:
+def model_classes(model) -> list[str]:
     for stage in reversed(model.stages):
         labels = stage.getOrDefault("labels") if stage.hasParam("labels") and stage.isDefined("labels") else None
         if labels:
@@ -121,17 +121,32 @@ def _model_classes(model) -> list[str]:
     raise DataError("the saved model has no class labels (expected a StringIndexer/IndexToString stage)")
 
 
-def _load_model(model_dir: str):
+def load_model(model_dir: str):
     from pyspark.ml import PipelineModel
 
     try:
-        model = PipelineModel.load(model_dir)
+        model = PipelineModel.load(spark_literal(model_dir))
     except Exception as exc:  # noqa: BLE001 - any load failure is a damaged or foreign folder
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise DataError(f"cannot load the saved model in {model_dir}: {first.strip()[:200]}") from None
     if not any(type(s).__name__ in IMAGE_STAGES for s in model.stages):
         raise DataError(f"{model_dir} holds no {' or '.join(IMAGE_STAGES)} stage: not a model saved by ./wrapper.sh run")
     return model
+
+
+@contextmanager
+def normalized_images(spark, paths: list[str], *, size: int, mode: str, max_pixels: int
+                      ) -> Iterator[tuple[DataFrame, dict[str, str]]]:
+    """(path, content) of the files that normalise, as the training images were, and
+    {path: reason} of those that do not; the normalised images stay cached inside the block."""
+    raw: DataFrame = load_images(spark, [(p, None) for p in paths])
+    normalized = raw.select("path", _normalize_udf(size, mode, max_pixels)(F.col("content"), F.col("path")).alias("n"))
+    normalized = normalized.select("path", F.col("n.content").alias("content"), F.col("n.error").alias("error")).persist()
+    try:
+        errors = {local_path(r.path): r.error for r in normalized.filter(F.col("error").isNotNull()).select("path", "error").collect()}
+        yield normalized.filter(F.col("error").isNull()).select("path", "content"), errors
+    finally:
+        normalized.unpersist()
 
 
 def predict_images(spark, model, paths: list[str], *, size: int, mode: str, max_pixels: int,
@@ -141,19 +156,17 @@ def predict_images(spark, model, paths: list[str], *, size: int, mode: str, max_
     Columns: path (absolute), predicted_class, one ``p_<class>`` per class, error (None when
     predicted; the reason when the file could not be read or decoded).
     """
-    classes = _model_classes(model)
-    raw: DataFrame = spark.read.format("binaryFile").load([_escape_glob(p) for p in paths])
-    normalized = raw.select("path", _normalize_udf(size, mode, max_pixels)(F.col("content"), F.col("path")).alias("n"))
-    normalized = normalized.select("path", F.col("n.content").alias("content"), F.col("n.error").alias("error")).persist()
-    try:
-        errors = {_local(r.path): r.error for r in normalized.filter(F.col("error").isNotNull()).select("path", "error").collect()}
-        good = normalized.filter(F.col("error").isNull()).select("path", "content")
+    with normalized_images(spark, paths, size=size, mode=mode, max_pixels=max_pixels) as (good, errors):
         n_good = sum(1 for p in paths if p not in errors)
         with Progress(spark, n_good, log, what="predicting"):
             out = model.transform(good).select("path", "predicted_label", "probability").collect()
-    finally:
-        normalized.unpersist()
-    found = {_local(r.path): (r.predicted_label, r.probability.toArray()) for r in out}
+    found = {local_path(r.path): (r.predicted_label, r.probability.toArray()) for r in out}
+    return result_table(paths, found, errors, model_classes(model))
+
+
+def result_table(paths: list[str], found: dict[str, tuple[str, np.ndarray]], errors: dict[str, str],
+                 classes: list[str]) -> pd.DataFrame:
+    """One row per path: predicted class and probabilities from ``found``, else the error."""
     rows = []
     for p in paths:
         key = os.path.normpath(p)
@@ -163,16 +176,48 @@ def predict_images(spark, model, paths: list[str], *, size: int, mode: str, max_
             row["predicted_class"] = label
             row.update({f"p_{c}": float(v) for c, v in zip(classes, prob)})
         else:
-            row["error"] = errors.get(key) or "not read by Spark (its file reader skips names starting with '_' or '.')"
+            row["error"] = errors.get(key) or "not classified (the model returned no row for it)"
         rows.append(row)
     return pd.DataFrame(rows, columns=["path", "predicted_class", *(f"p_{c}" for c in classes), "error"])
 
 
-def _display(path: str, images_path: str) -> str:
+def display_path(path: str, images_path: str) -> str:
     """``path`` as the user named it: below the folder they gave, or the file itself."""
     if os.path.isfile(images_path):
         return images_path
     return os.path.join(images_path, os.path.relpath(path, os.path.abspath(images_path)))
+
+
+@dataclass
+class SavedModel:
+    """A saved model loaded for new images, with how to normalise them (as in training)."""
+
+    model_dir: str
+    model: Any  # the PipelineModel
+    classes: list[str]
+    paths: list[str]  # the image files to apply it to
+    size: int
+    mode: str
+    max_pixels: int
+    spark: Any
+
+    def normalized(self, paths: list[str]):
+        """:func:`normalized_images` of ``paths`` (some of :attr:`paths`) with the model's settings."""
+        return normalized_images(self.spark, paths, size=self.size, mode=self.mode, max_pixels=self.max_pixels)
+
+
+def open_saved_model(config: Config, target: str, images_path: str, overrides: list[str],
+                     log: Callable[[str], object]) -> SavedModel:
+    """The model of ``target`` (experiment or folder) loaded in this process, and the image files
+    of ``images_path``; the settings it was trained with say how to normalise them."""
+    model_dir, exp = resolve_model(config, target, overrides)
+    paths = list_images(images_path)
+    exp, trained = trained_settings(config, model_dir, exp, overrides, log)
+    size, mode = trained["dataset"]["image_size"], trained["dataset"]["mode"]
+    max_pixels = trained.get("max_image_pixels", exp["max_image_pixels"])
+    spark = spark_session(exp.settings)
+    model = load_model(model_dir)
+    return SavedModel(model_dir, model, model_classes(model), paths, size, mode, max_pixels, spark)
 
 
 def run_predict(config: Config, target: str, images_path: str, output: str | None = None,
@@ -184,35 +229,33 @@ def run_predict(config: Config, target: str, images_path: str, output: str | Non
     When images sit in folders named after the model's classes, their accuracy against those
     names is printed next to the test accuracy the run reported.
     """
-    overrides = list(overrides)
-    model_dir, exp = resolve_model(config, target, overrides)
-    paths = list_images(images_path)
-    exp, trained = _settings(config, model_dir, exp, overrides, log)
-    size, mode = trained["dataset"]["image_size"], trained["dataset"]["mode"]
-    max_pixels = trained.get("max_image_pixels", exp["max_image_pixels"])
-
-    spark = spark_session(exp.settings)
-    model = _load_model(model_dir)
-    classes = _model_classes(model)
-    log(f"predicting {len(paths)} image(s) with {model_dir} (classes {', '.join(classes)}; images normalised to "
-        f"{size}x{size}, mode {mode}, as in training)")
-    table = predict_images(spark, model, paths, size=size, mode=mode, max_pixels=max_pixels, log=log)
+    saved = open_saved_model(config, target, images_path, list(overrides), log)
+    model_dir, classes = saved.model_dir, saved.classes
+    log(f"predicting {len(saved.paths)} image(s) with {model_dir} (classes {', '.join(classes)}; images normalised "
+        f"to {saved.size}x{saved.size}, mode {saved.mode}, as in training)")
+    table = predict_images(saved.spark, saved.model, saved.paths, size=saved.size, mode=saved.mode,
+                           max_pixels=saved.max_pixels, log=log)
     table.insert(1, "folder_class", [_folder_class(p, classes) for p in table["path"]])
-    table["path"] = [_display(p, images_path) for p in table["path"]]
-    _print_rows(table, classes)
+    table["path"] = [display_path(p, images_path) for p in table["path"]]
+    print_rows(table, classes)
     dest = output or os.path.join(os.path.dirname(model_dir), PREDICTIONS)
-    _write_csv(table, dest)
+    write_csv(table, dest)
     _log_summary(table, classes, model_dir, log)
     log(f"predictions: {dest}")
+    return failed_exit_code(table, log, "classified")
+
+
+def failed_exit_code(table: pd.DataFrame, log: Callable[[str], object], done: str) -> int:
+    """1 (and a line saying how many) when some row of ``table`` has an error, else 0."""
     failed = int(table["error"].notna().sum())
     if failed:
-        log(f"{failed} image(s) could not be classified (ERROR lines above)")
+        log(f"{failed} image(s) could not be {done} (ERROR lines above)")
         return 1
     return 0
 
 
-def _settings(config: Config, model_dir: str, exp: Experiment | None, overrides: list[str],
-              log: Callable[[str], object]) -> tuple[Experiment, dict]:
+def trained_settings(config: Config, model_dir: str, exp: Experiment | None, overrides: list[str],
+                     log: Callable[[str], object]) -> tuple[Experiment, dict]:
     """(the experiment whose Spark settings this run uses, the settings the model was trained with)."""
     snapshot = _snapshot(model_dir)
     if exp is None:
@@ -233,16 +276,17 @@ def _folder_class(path: str, classes: list[str]) -> str:
     return folder if folder in classes else ""
 
 
-def _print_rows(table: pd.DataFrame, classes: list[str]) -> None:
+def print_rows(table: pd.DataFrame, classes: list[str], extra: Callable[[dict], str] | None = None) -> None:
+    """One line per image: path, predicted class, each probability (and ``extra(row)``), or ERROR."""
     for row in table.to_dict("records"):
         if row["error"]:
             print(f"{row['path']}\tERROR\t{row['error']}")
         else:
             probs = "\t".join(f"{c}={row[f'p_{c}']:.3f}" for c in classes)
-            print(f"{row['path']}\t{row['predicted_class']}\t{probs}")
+            print(f"{row['path']}\t{row['predicted_class']}\t{probs}" + (f"\t{extra(row)}" if extra else ""))
 
 
-def _write_csv(table: pd.DataFrame, dest: str) -> None:
+def write_csv(table: pd.DataFrame, dest: str) -> None:
     buf = io.StringIO()
     table.to_csv(buf, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, float_format="%.6f")
     write_text_atomic(dest, buf.getvalue())

@@ -2,7 +2,11 @@
 
 ``resized_dir`` gets the raw folder's layout; each output is written atomically. The job is
 incremental: a manifest (``.resize-manifest.json``) remembers what each output was made from
-(the raw file's size and mtime, and the settings), so only new or changed files are processed.
+(the raw file's size and mtime, and the settings) and the output's own size and mtime, so only
+new or changed raw files, and outputs that are missing or changed since (truncated, overwritten),
+are processed. Experiments load exactly the outputs the manifest lists
+(:func:`resized_images`): other files in the class folders are named and left alone; temporary
+files of killed runs are removed.
 :func:`normalize_image` is the one decode-resize-PNG step: the job writes its bytes, and
 ``predict`` applies it to new images so that they reach the model as the training images did.
 """
@@ -21,12 +25,14 @@ from typing import Any
 import pandas as pd
 
 from imagefeaturizer.images import InvalidImageError, decode_to_pil, image_info, resize_pil
+from imagefeaturizer.runtime import hold_for_tests
 
-from .atomic import atomic_file, write_json_atomic
+from .atomic import TEMP_PREFIX, atomic_file, remove_orphans, write_json_atomic
 from .config import Experiment
 from .data import Listing, audit, check_invalid, describe_ignored, invalid_error, list_dataset, source_cue_warning
 from .errors import DataError
-from .session import spark_session
+from .paths import file_uri, local_path
+from .session import default_parallelism, spark_session
 
 MANIFEST = ".resize-manifest.json"
 AUDIT_FILE = "data-audit.json"
@@ -106,20 +112,37 @@ def _output_names(listing: Listing) -> dict[str, str]:
 
 
 def resize_todo(listing: Listing, out_dir: str, size: int, mode: str, max_pixels: int) -> list[str]:
-    """Raw files whose output is missing, stale or was made with other settings."""
+    """Raw files whose output is missing, stale, damaged or was made with other settings."""
+    return list(_todo(listing, out_dir, size, mode, max_pixels))
+
+
+def _todo(listing: Listing, out_dir: str, size: int, mode: str, max_pixels: int) -> dict[str, str]:
+    """Raw files to process -> why: "raw" (new, changed, other settings), "output" (missing or
+    changed since it was written: truncated, overwritten) or "unrecorded" (an older manifest)."""
     manifest = read_manifest(out_dir)
     same = manifest.get("settings") == _settings(listing.root, size, mode, max_pixels)
     done = {**manifest.get("files", {}), **manifest.get("invalid", {})} if same else {}
-    todo = []
+    todo = {}
     for rels in listing.files.values():
         for rel in rels:
             prev = done.get(rel)
             stat = _stat(os.path.join(listing.root, rel))
             if prev is None or prev.get("size") != stat["size"] or prev.get("mtime_ns") != stat["mtime_ns"]:
-                todo.append(rel)
-            elif "out" in prev and not os.path.isfile(os.path.join(out_dir, prev["out"])):
-                todo.append(rel)
+                todo[rel] = "raw"
+            elif "out" in prev and "out_size" not in prev:
+                todo[rel] = "unrecorded"
+            elif "out" in prev and not _output_intact(out_dir, prev):
+                todo[rel] = "output"
     return todo
+
+
+def _output_intact(out_dir: str, entry: dict) -> bool:
+    """The output is there as it was written: its size and mtime as the manifest recorded them."""
+    try:
+        st = os.stat(os.path.join(out_dir, entry["out"]))
+    except OSError:
+        return False
+    return entry.get("out_size") == st.st_size and entry.get("out_mtime_ns") == st.st_mtime_ns
 
 
 def is_resized_current(raw_dir: str, out_dir: str, size: int, mode: str, max_pixels: int) -> bool:
@@ -188,18 +211,26 @@ def resize_dataset(
             f"dataset.resized_dir ({out_dir}) is inside dataset.raw_dir ({raw_dir}): the raw folder is "
             f"never written; choose a folder outside it"
         )
+    remove_killed_runs_files(out_dir, log)
     state = _load_state(listing, out_dir, _settings(raw_dir, size, mode, max_pixels))
     _drop_outdated(state, out_dir)
-    todo = (resize_todo(listing, out_dir, size, mode, max_pixels) if state.same
-            else [r for rs in listing.files.values() for r in rs])
+    todo = (_todo(listing, out_dir, size, mode, max_pixels) if state.same
+            else dict.fromkeys((r for rs in listing.files.values() for r in rs), "raw"))
     if todo:
-        log(f"resize: {len(todo)} of {listing.count} images to write into {out_dir} ({size}x{size}, mode {mode})")
+        changed = [state.files[r]["out"] for r, why in todo.items() if why == "output"]
+        again = f"; {len(changed)} output(s) missing or changed since written: {_listed(changed)}" if changed else ""
+        log(f"resize: {len(todo)} of {listing.count} images to write into {out_dir} ({size}x{size}, mode {mode}){again}")
         session = spark() if callable(spark) else spark
-        _record(state, listing, out_dir, _run_job(session, listing, out_dir, todo, state.names, size, mode, max_pixels))
+        _record(state, listing, out_dir, _run_job(session, listing, out_dir, list(todo), state.names, size, mode,
+                                                  max_pixels))
     else:
         log(f"resize: {out_dir} is up to date ({listing.count} images)")
     write_json_atomic(os.path.join(out_dir, MANIFEST),
                       {"settings": state.settings, "files": state.files, "invalid": state.invalid})
+    stray = strays(out_dir, listing.files, {e["out"] for e in state.files.values()})
+    if stray:
+        log(f"resize: {len(stray)} file(s) in {out_dir} were not made by the resize step: left alone, and "
+            f"experiments do not load them: {_listed(stray)}")
     report = _report(state, listing, time.perf_counter() - start)
     _write_audit(out_dir, raw_dir, report, listing)
     _log_report(report, listing.root, handle_invalid, log)
@@ -253,8 +284,8 @@ def _run_job(session, listing: Listing, out_dir: str, todo: list[str], names: di
     """The Spark job over the files to do; one result row per file (see :func:`_resize_partition`)."""
     pairs = [(os.path.join(listing.root, r), os.path.join(out_dir, names[r])) for r in todo]
     # Enough tasks to use every core, none too small: each task costs a Python worker round trip.
-    tasks = max(1, min(session.sparkContext.defaultParallelism * 4, -(-len(todo) // FILES_PER_TASK)))
-    jobs = session.createDataFrame(session.sparkContext.parallelize(pairs, tasks), "src string, dst string")
+    tasks = max(1, min(default_parallelism(session) * 4, -(-len(todo) // FILES_PER_TASK)))
+    jobs = session.createDataFrame(pairs, "src string, dst string").repartition(tasks)
     schema = ", ".join(f"{k} {v}" for k, v in _RESULT_COLUMNS.items())
     return jobs.mapInPandas(_resize_partition(size, mode, max_pixels), schema=schema).toPandas()
 
@@ -264,6 +295,7 @@ def _resize_partition(size: int, mode: str, max_pixels: int):
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
+            hold_for_tests("resize")
             rows = [_resize_one(src, dst, size, mode, max_pixels) for src, dst in zip(batch["src"], batch["dst"])]
             yield pd.DataFrame(rows, columns=list(_RESULT_COLUMNS))
 
@@ -298,7 +330,8 @@ def _record(state: _State, listing: Listing, out_dir: str, results: pd.DataFrame
         entry = {**_stat(row.src), "format": row.format, "mode": row.mode, "width": _int(row.width),
                  "height": _int(row.height)}
         if not isinstance(row.reason, str):  # None or NaN: written
-            state.files[rel] = {**entry, "out": names[rel]}
+            out = _stat(os.path.join(out_dir, names[rel]))
+            state.files[rel] = {**entry, "out": names[rel], "out_size": out["size"], "out_mtime_ns": out["mtime_ns"]}
             state.invalid.pop(rel, None)
             state.written[rel.split(os.sep)[0]] += 1
         else:
@@ -345,6 +378,73 @@ def _log_report(report: ResizeReport, root: str, handle_invalid: str, log) -> No
     log(f"resize: {report.summary()}")
     if report.warning:
         log(report.warning)
+
+
+# --------------------------------------------------------------------------- what experiments load
+
+
+def resized_images(out_dir: str, classes: list[str], log=print) -> list[tuple[str, str]]:
+    """(path, class) of the resize step's outputs of ``classes``, as its manifest lists them.
+
+    What experiments load: every output, whatever its name, and nothing else. Other files in the
+    class folders (not made by the resize step) are left out and named; temporary files that
+    killed runs left are removed.
+    """
+    remove_killed_runs_files(out_dir, log)
+    outputs = {e["out"]: rel.split(os.sep, 1)[0] for rel, e in read_manifest(out_dir).get("files", {}).items()}
+    wanted = set(classes)
+    files = sorted((os.path.join(out_dir, out), cls) for out, cls in outputs.items() if cls in wanted)
+    stray = strays(out_dir, classes, set(outputs))
+    if stray:
+        log(f"left out {len(stray)} file(s) in {out_dir} not made by the resize step (not in its manifest "
+            f"{MANIFEST}; not deleted): {_listed(stray)}")
+    return files
+
+
+def forget_outputs(out_dir: str, paths) -> list[str]:
+    """Mark the outputs among ``paths`` (local paths or ``file:`` URIs) as not written, so the
+    next resize makes them again from their raw files: outputs that do not decode although their
+    size and mtime are as written. Returns them (relative paths); other paths are ignored."""
+    manifest = read_manifest(out_dir)
+    by_out = {os.path.join(out_dir, e["out"]): e for e in manifest.get("files", {}).values() if "out" in e}
+    forgotten = []
+    for path in paths:
+        entry = by_out.get(os.path.normpath(local_path(path)))
+        if entry is not None and entry.pop("out_size", None) is not None:
+            forgotten.append(entry["out"])
+    if forgotten:
+        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    return sorted(forgotten)
+
+
+def damaged_output(message: str, out_dir: str) -> str | None:
+    """The output of ``out_dir`` a worker's invalid-image message names (``<file URI>: reason``)."""
+    outputs = (os.path.join(out_dir, e["out"]) for e in read_manifest(out_dir).get("files", {}).values() if "out" in e)
+    return next((p for p in outputs if f"{file_uri(p)}: " in message), None)
+
+
+def strays(out_dir: str, classes, made: set[str]) -> list[str]:
+    """Files in the class folders of ``out_dir`` (relative paths) that are not among ``made``."""
+    found = []
+    for cls in classes:
+        for dirpath, _, names in os.walk(os.path.join(out_dir, cls)):
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), out_dir)
+                if rel not in made and not name.startswith(TEMP_PREFIX):
+                    found.append(rel)
+    return sorted(found)
+
+
+def remove_killed_runs_files(out_dir: str, log=print) -> None:
+    """Remove the temporary files (half-written outputs) of killed runs; a running one's stay."""
+    removed = remove_orphans(out_dir, recursive=True) if os.path.isdir(out_dir) else []
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {_listed(removed)}")
+
+
+def _listed(items: list[str], limit: int = 10) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 # --------------------------------------------------------------------------- the job from config

@@ -6,8 +6,8 @@ once per backbone; the fits and reports of up to :data:`HEAD_THREADS` experiment
 failing experiment is recorded with a one-line reason and the others still run. After each
 experiment ``results/summary.md``, ``results/summary.csv`` and ``results/summary.png`` are
 rewritten (atomically), so an interrupted sweep keeps what it finished. Experiments that train a
-network (``train: finetune|scratch``) featurize nothing: each trains in its turn, on this thread. Exit code 0 when every
-experiment succeeded, 1 otherwise.
+network (``train: finetune|scratch``) featurize nothing: each trains in its turn, on this thread.
+Exit code 0 when every experiment succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from imagefeaturizer.backbones import WeightsError
-
-from . import reports
+from . import reports, tracking
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, parse_set
-from .errors import UserError, worker_error_message
+from .errors import LOG_FOLDER, one_line, user_message
 from .run import fit_and_report, prepare_features
+from .session import interrupted
 from .training import is_trained, run_training
 
-ERROR_LOG = "error.log"
+ERROR_LOG = "{experiment}-error.log"  # in results/logs/: the traceback of an unexpected failure
 DEFAULT_PATTERN = "*_classification"
 HEAD_THREADS = 2  # experiments splitting, fitting and reporting at once (featurization: one at a time)
 
@@ -41,22 +40,6 @@ def matching(config: Config, pattern: str) -> list[str]:
     if not found:
         raise ConfigError(f"no experiment matches {pattern!r}: expected a pattern over {', '.join(names)}")
     return found
-
-
-def _user_fixable(exc: BaseException) -> bool:
-    return isinstance(exc, (UserError, WeightsError)) or worker_error_message(exc) is not None
-
-
-def one_line(exc: BaseException) -> str:
-    """The reason of a failure, as one line."""
-    if isinstance(exc, (UserError, WeightsError)):
-        return str(exc)
-    message = worker_error_message(exc)
-    if message:
-        return message
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _results_root(config: Config, names: list[str], overrides: list[str]) -> str:
@@ -108,6 +91,24 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
     names = matching(config, pattern)
     board = _Board(config, names, _results_root(config, names, overrides), log)
     log(f"sweep: {len(names)} experiment(s): {', '.join(names)}")
+    with tracking.sweep_run(*_tracking_settings(config, names, overrides), pattern, names) as finish:  # MLflow parent run
+        code = _run_all(config, names, overrides, board, log)
+        finish(board.root, code == 0)
+    return code
+
+
+def _tracking_settings(config: Config, names: list[str], overrides: list[str]) -> tuple[dict, str]:
+    """The settings (of the first experiment that builds) that say where the MLflow parent run goes."""
+    for name in names:
+        try:
+            exp = config.experiment(name, overrides)
+        except ConfigError:
+            continue
+        return exp.settings, exp.base_dir
+    return {}, os.path.dirname(os.path.abspath(config.path))
+
+
+def _run_all(config: Config, names: list[str], overrides: list[str], board: "_Board", log) -> int:
     later = _later_classes(config, names, overrides)
     with ThreadPoolExecutor(max_workers=HEAD_THREADS, thread_name_prefix="xray-sweep") as pool:
         pending = []
@@ -121,12 +122,15 @@ def run_sweep(config: Config, pattern: str = DEFAULT_PATTERN, overrides: list[st
                         continue
                     prepared = prepare_features(exp, log=log, also_classes=later[i])
                 except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
+                    if interrupted():
+                        raise  # Ctrl-C: this error is the interruption's, not the experiment's
                     board.failed(i, exc)
                     continue
-                pending.append(pool.submit(_fit_and_record, board, i, prepared))
+                pending.append((pool.submit(_fit_and_record, board, i, prepared), prepared))
         except BaseException:  # e.g. Ctrl-C: experiments not started yet are not started
-            for future in pending:
-                future.cancel()
+            for future, prepared in pending:
+                if future.cancel():
+                    prepared.discard()  # its staging folder: results/<experiment> stays as it was
             raise
     return board.finish()
 
@@ -164,23 +168,29 @@ class _Board:
     def succeeded(self, i: int, metrics: dict, results_dir: str) -> None:
         with self._lock:
             self.rows[i] = reports.summary_row(self.names[i], metrics)
-            stale_log = os.path.join(results_dir, ERROR_LOG)
+            stale_log = self._error_log(i)
             if os.path.exists(stale_log):
                 os.unlink(stale_log)
             self.log(reports.format_result(metrics, results_dir))
             reports.write_summary(self.root, self.rows)
 
     def failed(self, i: int, exc: BaseException) -> None:
+        if interrupted():
+            return  # Ctrl-C stopped Spark under it: not the experiment's failure, its row stays "not run"
         name = self.names[i]
         with self._lock:
             reason = one_line(exc)
-            if not _user_fixable(exc):
-                path = os.path.join(self.root, name, ERROR_LOG)
+            if user_message(exc) is None:
+                path = self._error_log(i)
                 write_text_atomic(path, "".join(traceback.format_exception(exc)))
                 reason += f" (traceback in {path})"
             self.rows[i] = self._failed_row(i, "failed", reason)
             self.log(f"FAILED {name}: {reason}")
             reports.write_summary(self.root, self.rows)
+
+    def _error_log(self, i: int) -> str:
+        """Outside the experiment's results folder, which holds one whole run (or nothing)."""
+        return os.path.join(self.root, LOG_FOLDER, ERROR_LOG.format(experiment=self.names[i]))
 
     def finish(self) -> int:
         """The closing lines; 0 when every experiment succeeded, else 1."""

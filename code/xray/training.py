@@ -1,12 +1,17 @@
 """Fine-tuning a backbone (``train: finetune``) or training SmallCNN (``train: scratch``), end to end.
 
 The same steps as a linear probe (:mod:`xray.run`) with training in place of featurization:
-checks (config, data, split sizes: before Spark) -> resize when stale -> the split (the project's
-stratified, seeded :func:`xray.split.split_rows`; the validation split is carved from the
-training split by the same function) -> training in one Spark barrier task
-(:func:`imagefeaturizer.trainer.fit_on_spark`) -> evaluation of the held-out test split through the
-saved model's own stages -> the ``PipelineModel`` (``StringIndexerModel``, ``KerasImageClassifier``
-holding the ``.keras`` file, ``IndexToString``), reports and ``metrics.json``.
+checks (config, data, split sizes: before Spark) -> resize when stale -> the split (the probe's
+grouped, stratified, seeded split of :func:`xray.run.assign_experiment_split`, ``split.group_pattern``
+included; the validation split is carved from the training split by the same rule, each group
+whole on one side) -> training in one Spark barrier task (:func:`imagefeaturizer.trainer.fit_on_spark`)
+-> evaluation of the held-out test split through the saved model's own stages -> the
+``PipelineModel`` (``StringIndexerModel``, ``KerasImageClassifier`` holding the ``.keras`` file,
+``IndexToString``), reports, ``split.csv`` and ``metrics.json``, all written into a staging folder
+that takes the place of ``results/<experiment>`` at the end (as a probe's), then MLflow tracking.
+
+A trained network has no features: no near-duplicate search (``near_duplicates`` in
+metrics.json says n/a) and no class activation maps (those are exact for linear probes only).
 """
 
 from __future__ import annotations
@@ -27,18 +32,21 @@ from imagefeaturizer import backbones, networks
 from imagefeaturizer.classifier import KerasImageClassifier
 from imagefeaturizer.trainer import TrainSpec, fit_on_spark
 
-from . import experiment, reports
-from .atomic import write_json_atomic
+from . import experiment, reports, tracking
+from .atomic import StagedFolder, write_json_atomic
 from .config import ConfigError, Experiment
 from .data import LABEL, list_dataset, load_images
 from .errors import DataError
 from .features import weights_id
-from .resize import ensure_resized, task_data_checks
-from .run import Phases, check_before_spark, versions
+from .paths import file_uri
+from .resize import ensure_resized, resized_images, task_data_checks
+from .run import Phases, assign_experiment_split, check_before_spark, versions
 from .session import spark_session
-from .split import split_rows
+from .split import SplitRow, assign_split
 
 METHODS = {networks.FINETUNE: "fine-tune", networks.SCRATCH: "scratch"}
+NO_FEATURES = "a trained network featurizes nothing: no features to compare (a linear probe of the same images lists them)"
+NO_MAPS = "class activation maps are made for linear probes (train: probe) only"
 
 
 def is_trained(exp: Experiment) -> bool:
@@ -72,16 +80,36 @@ def plan(exp: Experiment) -> Plan:
     return Plan(kind, size, units)
 
 
-def split_table(keys, exp: Experiment) -> list[tuple[str, bool, bool]]:
-    """``(path, is_test, is_validation)`` for ``(path, label)`` pairs; raises DataError when a class
-    has no image left to train on or the validation split would take a class's last one."""
-    test = {path: is_test for path, is_test, _ in split_rows(keys, exp["seed"], exp["test_fraction"])}
-    train_keys = [(path, label) for path, label in keys if not test[path]]
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The grouped train/test split and the validation paths carved from its training side."""
+
+    rows: list[SplitRow]  # every image: group, side (fold 0 on training rows: no cross-validation)
+    validation: frozenset[str]  # paths of the training rows that only validate (early stopping)
+    info: dict  # xray.split.split_summary of the train/test split
+
+    def marks(self) -> list[tuple[str, bool, bool]]:
+        """``(path, is_test, is_validation)`` per image."""
+        return [(r.path, r.is_test, r.path in self.validation) for r in self.rows]
+
+    def sizes(self) -> dict:
+        fit = Counter(r.label for r in self.rows if not r.is_test and r.path not in self.validation)
+        n_test = sum(r.is_test for r in self.rows)
+        return {"n_train": len(self.rows) - n_test, "n_test": n_test, "n_validation": len(self.validation),
+                "n_fit": sum(fit.values()), "fit_counts": dict(fit), "n_images": len(self.rows)}
+
+
+def split_table(keys, exp: Experiment, log=lambda line: None) -> TrainingSplit:
+    """The split of ``(path, label)`` pairs; raises DataError when a class has no image left to
+    train on or the validation split would take a class's last one."""
+    rows, info = assign_experiment_split(exp, keys, sorted(exp.classes), log)
+    train_keys = [(r.path, r.label) for r in rows if not r.is_test]
     fraction = exp["training"]["validation_fraction"]
-    validation = {path: is_val for path, is_val, _ in split_rows(train_keys, exp["seed"], fraction)}
+    validation = frozenset(r.path for r in assign_split(train_keys, exp["seed"], fraction, 0, exp.group_pattern)
+                           if r.is_test)
     _check_counts(Counter(label for _, label in train_keys),
-                  Counter(label for path, label in train_keys if validation[path]), exp)
-    return [(path, test[path], validation.get(path, False)) for path, _ in keys]
+                  Counter(label for path, label in train_keys if path in validation), exp)
+    return TrainingSplit(rows, validation, info)
 
 
 def _check_counts(train: Counter, validation: Counter, exp: Experiment) -> None:
@@ -111,17 +139,40 @@ def check_before_training(exp: Experiment, log) -> Plan:
 
 
 def run_training(exp: Experiment, log=print) -> dict:
-    """Train, evaluate and save one experiment with ``train: finetune|scratch``; returns metrics.json."""
+    """Train, evaluate and save one experiment with ``train: finetune|scratch``; returns metrics.json.
+
+    Every file goes into a staging folder that takes the place of ``results/<experiment>`` only
+    when all are written; then the run is logged to MLflow (``tracking.mlflow``)."""
     started, phases = time.perf_counter(), Phases()
     p = check_before_training(exp, log)
     phases.mark("checks")
+    staging, workdir = StagedFolder(exp.results_dir), tempfile.mkdtemp(prefix="xray-model-")
+    try:
+        try:
+            result, model = _train_and_write(exp, p, staging.path, workdir, phases, log)
+        except BaseException:
+            staging.discard()
+            raise
+        result["wall_seconds"] = time.perf_counter() - started
+        write_json_atomic(os.path.join(staging.path, "metrics.json"), result)
+        staging.commit()
+        tracking.log_experiment(exp, result, model, log)  # the model's .keras file is still in workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _train_and_write(exp: Experiment, p: Plan, out_dir: str, workdir: str, phases: Phases, log
+                     ) -> tuple[dict, PipelineModel]:
     spark = spark_session(exp.settings)
     phases.mark("spark_session")
     ensure_resized(spark, exp, log)
     audit, cue_warning, invalid_raw = task_data_checks(exp, log)
     phases.mark("data_checks")
     classes = sorted(exp.classes)
-    rows, sizes = _split(spark, load_images(spark, exp.resized_dir, exp.classes), exp)
+    files = resized_images(exp.resized_dir, exp.classes, log)
+    split = split_table([(file_uri(path), cls) for path, cls in files], exp, log)
+    rows, sizes = _with_split(load_images(spark, files), split), split.sizes()
     phases.mark("split")
     indexer = StringIndexerModel.from_labels(classes, inputCol=LABEL, outputCol=experiment.LABEL_INDEX)
     spec = _spec(exp, p, sizes["fit_counts"], classes)
@@ -129,37 +180,26 @@ def run_training(exp: Experiment, log=print) -> dict:
         f"{sizes['n_validation']}, in one Spark barrier task; input {p.image_size}x{p.image_size}")
     trained = fit_on_spark(indexer.transform(rows.filter(~F.col("is_test"))), spec)
     phases.mark("train")
-    workdir = tempfile.mkdtemp(prefix="xray-model-")
-    try:
-        head = _head(exp, indexer, trained.model_bytes, workdir, p.image_size)
-        metrics, pred = experiment.evaluate(head, rows.filter(F.col("is_test")), classes)
-        phases.mark("evaluate")
-        experiment.save_model_atomic(PipelineModel(list(head)), os.path.join(exp.results_dir, "model"))
-        phases.mark("save_model")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    head = _head(exp, indexer, trained.model_bytes, workdir, p.image_size)
+    metrics, pred = experiment.evaluate(head, rows.filter(F.col("is_test")), classes)
+    phases.mark("evaluate")
+    model = PipelineModel(list(head))
+    experiment.save_model_atomic(model, os.path.join(out_dir, "model"))
+    phases.mark("save_model")
     result = _result(exp, p, spec, classes, metrics, sizes, trained.history, audit, cue_warning, invalid_raw)
-    result["reports"] = reports.write_experiment_reports(exp.results_dir, result, pred["y_true"], pred["probability"])
+    result["split"].update(split.info)
+    result["reports"] = {**reports.write_experiment_reports(out_dir, result, pred["y_true"], pred["probability"]),
+                         "split": reports.write_split_csv(out_dir, split.rows, split.validation)}
     phases.mark("reports")
     result["phase_seconds"] = phases.seconds
-    result["wall_seconds"] = time.perf_counter() - started
-    write_json_atomic(os.path.join(exp.results_dir, "metrics.json"), result)
-    return result
+    return result, model
 
 
-def _split(spark, images: DataFrame, exp: Experiment) -> tuple[DataFrame, dict]:
-    """The image rows with ``is_test`` and ``is_validation`` (a broadcast table of the driver's
-    split: only paths and labels reach the driver), and the sizes."""
-    keys = [(r["path"], r[LABEL]) for r in images.select("path", LABEL).collect()]
-    table = split_table(keys, exp)
-    marks = spark.createDataFrame(table, "path string, is_test boolean, is_validation boolean")
-    label = dict(keys)
-    fit = Counter(label[path] for path, is_test, is_val in table if not is_test and not is_val)
-    n_test = sum(1 for _, is_test, _ in table if is_test)
-    n_val = sum(1 for _, is_test, is_val in table if not is_test and is_val)
-    sizes = {"n_train": len(table) - n_test, "n_test": n_test, "n_validation": n_val,
-             "n_fit": sum(fit.values()), "fit_counts": dict(fit), "n_images": len(table)}
-    return images.join(F.broadcast(marks), "path"), sizes
+def _with_split(images: DataFrame, split: TrainingSplit) -> DataFrame:
+    """The image rows with ``is_test`` and ``is_validation``: a broadcast table of the driver's
+    split (only paths and labels were on the driver)."""
+    marks = images.sparkSession.createDataFrame(split.marks(), "path string, is_test boolean, is_validation boolean")
+    return images.join(F.broadcast(marks), "path")
 
 
 def _spec(exp: Experiment, p: Plan, fit_counts: dict[str, int], classes: list[str]) -> TrainSpec:
@@ -231,8 +271,14 @@ def _result(exp: Experiment, p: Plan, spec: TrainSpec, classes: list[str], metri
         "training": training_record(spec, p, sizes, history, classes),
         "data_audit": audit,
         "data_warning": cue_warning,
+        "engine": {"requested": exp.settings.get("engine", "auto"), "engine": "keras",
+                   "why": "a trained network runs in Keras (training and KerasImageClassifier); the engine "
+                          "setting is for a linear probe's featurizer"},
         "split": {"seed": exp["seed"], "test_fraction": exp["test_fraction"], "stratified": True,
-                  "validation_fraction": exp["training"]["validation_fraction"]},
+                  "grouped": bool(exp.group_pattern), "validation_fraction": exp["training"]["validation_fraction"],
+                  "validation": "carved from the training split by the same grouped, stratified rule"},
+        "near_duplicates": {"pairs": None, "reason": NO_FEATURES},
+        "explanations": {"skipped": NO_MAPS},
         "config": exp.settings,
         "versions": versions(),
     }

@@ -8,7 +8,7 @@ Used by ``tests/test_cluster.py`` through Spark's own settings, nothing in the p
 - once it has been sent to its Python worker, when a featurization task has already finished,
   writes ``<gate>/waiting/<id>.json`` and waits until the file ``<gate>/open`` exists;
 - when it finishes, writes ``<gate>/done/<id>.json`` (stage, partition, attempt, and whether it
-  featurized: its process has imported ``imagefeaturizer``).
+  featurized: its process has built a featurizer model).
 
 Each file records the task's working folder (its executor's, so its worker's) and pid. Once a
 featurization task is done the job cannot finish until the test opens the gate: a test can kill
@@ -25,10 +25,11 @@ import time
 import uuid
 
 import pyspark.daemon
+import pyspark.worker
 from pyspark import TaskContext
 
 GATE = os.environ["XRAY_TEST_GATE"]
-_run_task = pyspark.daemon.worker_main
+_run_task = pyspark.worker.main
 
 
 def _record(kind: str, **fields) -> None:
@@ -63,9 +64,19 @@ def gated_task(infile, outfile) -> None:
     context = TaskContext._getOrCreate()
     _run_task(infile, outfile)
     _record("done", stage=context.stageId(), partition=context.partitionId(), attempt=context.attemptNumber(),
-            featurized="imagefeaturizer" in sys.modules)
+            featurized=_has_built_a_model())
 
 
+def _has_built_a_model() -> bool:
+    """This worker process holds a featurizer model: it ran a featurization task. (Importing
+    ``imagefeaturizer`` alone says nothing: the app's image loading imports it too.)"""
+    runtime = sys.modules.get("imagefeaturizer.runtime")
+    return bool(getattr(runtime, "_EXTRACTORS", None))
+
+
+# The daemon's forked child looks the task runner up in pyspark.worker when it starts (pyspark
+# 4.1 and later); older daemons bound it at import as daemon.worker_main. Gate both.
+pyspark.worker.main = gated_task
 pyspark.daemon.worker_main = gated_task
 
 if __name__ == "__main__":
