@@ -21,7 +21,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
-from xray import progress
+from xray import progress, tracking
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
@@ -75,11 +75,20 @@ def swept(spark, tmp_path_factory):
     raw = make_dataset(root / "raw")
     config, overrides = _config(), _overrides(root, raw)
     logs: list[str] = []
+    logged: dict[str, tuple] = {}  # what MLflow tracking would log, seen when it is called
+
+    def log_experiment(exp, result, model, log):
+        files = [getattr(s, "getModelFile", lambda: None)() for s in model.stages]
+        logged[exp.name] = (os.path.isfile(os.path.join(exp.results_dir, "metrics.json")), result["method"],
+                            [type(s).__name__ for s in model.stages], all(f is None or os.path.isfile(f) for f in files))
+
     only_swept = dataclasses.replace(config, entries={name: config.entries[name] for name in SWEPT})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(progress, "PROGRESS_EVERY_S", 0.5)
+        mp.setattr(tracking, "log_experiment", log_experiment)
         code = run_sweep(only_swept, "*", overrides, log=logs.append)
-    return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs}
+    return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs,
+            "logged": logged}
 
 
 def _metrics(swept, name):
@@ -174,6 +183,10 @@ def test_network_trained_from_scratch_reports_like_a_probe(swept):
         r["path"]: r["side"] for r in _split_csv(swept, BINARY)}
     assert m["split"]["grouped"] and m["split"]["groups"] == len(split) and m["near_duplicates"]["pairs"] is None
     assert "skipped" in m["explanations"] and m["engine"]["engine"] == "keras"
+    # MLflow tracking gets the run after its folder is in place, with the model's .keras file still readable.
+    assert swept["logged"][SCRATCH] == (True, "scratch", ["StringIndexerModel", "KerasImageClassifier", "IndexToString"],
+                                        True)
+    assert swept["logged"][TUNED][:2] == (True, "tuned probe")
     lines = format_result(m, str(swept["root"] / "results")).splitlines()
     assert "[trained from scratch: NOT transfer learning]" in lines[0]
     assert any(line.startswith(f"  training (scratch): {t['n_fit']} images, 1 epoch(s) in 1 stage(s), chosen epoch 1")

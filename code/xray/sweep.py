@@ -118,7 +118,7 @@ def _run_all(config: Config, names: list[str], overrides: list[str], board: "_Bo
                 try:
                     exp = config.experiment(name, overrides)
                     if is_trained(exp):  # trains on every core, in this thread; fits queued so far go on
-                        _record(board, i, exp.results_dir, lambda: run_training(exp, log=log))
+                        board.succeeded(i, run_training(exp, log=log), exp.results_dir)
                         continue
                     prepared = prepare_features(exp, log=log, also_classes=later[i])
                 except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
@@ -138,18 +138,12 @@ def _run_all(config: Config, names: list[str], overrides: list[str], board: "_Bo
 def _fit_and_record(board: "_Board", i: int, prepared) -> None:
     """On a fitting thread: the second half of one experiment, its result onto the board."""
     name = board.names[i]
-    _record(board, i, prepared.exp.results_dir,
-            lambda: fit_and_report(prepared, log=lambda line: board.log(f"[{name}] {line}")))
-
-
-def _record(board: "_Board", i: int, results_dir: str, work: Callable[[], dict]) -> None:
-    """Run one experiment's ``work``; its metrics (or its failure) onto the board."""
     try:
-        metrics = work()
+        metrics = fit_and_report(prepared, log=lambda line: board.log(f"[{name}] {line}"))
     except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
         board.failed(i, exc)
     else:
-        board.succeeded(i, metrics, results_dir)
+        board.succeeded(i, metrics, prepared.exp.results_dir)
 
 
 class _Board:

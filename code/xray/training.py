@@ -150,11 +150,11 @@ def run_training(exp: Experiment, log=print) -> dict:
     try:
         try:
             result, model = _train_and_write(exp, p, staging.path, workdir, phases, log)
+            result["wall_seconds"] = time.perf_counter() - started
+            write_json_atomic(os.path.join(staging.path, "metrics.json"), result)
         except BaseException:
             staging.discard()
             raise
-        result["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(os.path.join(staging.path, "metrics.json"), result)
         staging.commit()
         tracking.log_experiment(exp, result, model, log)  # the model's .keras file is still in workdir
     finally:
