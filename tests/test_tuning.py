@@ -80,3 +80,22 @@ def test_grid_needs_images_in_every_fold(spark):
 
 # A whole run with a grid (the record in metrics.json, the saved model's shape) is checked in the
 # shared sweep of tests/test_sweep_predict.py, on cached features.
+
+
+def test_grid_over_group_folds_that_lack_a_class_stops_before_any_fit():
+    """With split.group_pattern one patient's images share a fold: a grid's fold whose training
+    part would lack a class is named in one line by the split, before CrossValidator runs."""
+    import os
+
+    from conftest import ROOT
+    from xray.config import load_config
+    from xray.run import assign_experiment_split, split_folds
+
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(
+        "ResNet50_binary_classification", ["classifier.grid.regParam=[0.1,1.0]"])
+    assert split_folds(exp) == tuning.DEFAULT_FOLDS
+    keys = [(f"file:/d/Covid-19/00000001_{i:03d}.png", "Covid-19") for i in range(6)]  # one patient
+    keys += [(f"file:/d/No_findings/n{i}.png", "No_findings") for i in range(12)]
+    with pytest.raises(DataError, match=r"^classifier.grid over 3 folds: fold \d would be validated by a model "
+                                        r"trained without Covid-19: .*: lower cv_folds .* or remove classifier.grid$"):
+        assign_experiment_split(exp, keys, ["Covid-19", "No_findings"], log=lambda *_: None)

@@ -273,7 +273,8 @@ def assign_experiment_split(exp: Experiment, keys, classes: list[str], log) -> t
         log(f"warning: no test image of {', '.join(empty)}: their groups are too large for test_fraction "
             f"{exp['test_fraction']}; their test metrics are empty")
     if tuning.grid_of(exp.settings):  # the tuned head's CrossValidator validates on these folds
-        _check_fold_gaps(rows, split_folds(exp), f"classifier.grid over {split_folds(exp)} folds")
+        _check_fold_gaps(rows, split_folds(exp), f"classifier.grid over {split_folds(exp)} folds",
+                         "lower cv_folds (the grid's folds when > 1, else 3) or remove classifier.grid")
     return rows, info
 
 
@@ -296,27 +297,27 @@ def _split_sizes(split: DataFrame) -> dict[str, int]:
     return {"n_train": sizes.get(False, 0), "n_test": sizes.get(True, 0)}
 
 
-def _check_fold_gaps(rows: list[SplitRow], folds: int, what: str) -> None:
+def _check_fold_gaps(rows: list[SplitRow], folds: int, what: str, fix: str = "lower cv_folds") -> None:
     """Every fold's training part (the other folds) holds every class."""
     gaps = fold_gaps(rows, folds)
     if gaps:
         f, missing = next(iter(gaps.items()))
         raise DataError(f"{what}: fold {f} would be validated by a model trained without "
                         f"{', '.join(missing)}: the groups of split.group_pattern are too few or too large "
-                        f"for {folds} folds: lower cv_folds")
+                        f"for {folds} folds: {fix}")
 
 
 def _cross_validation(exp: Experiment, train: DataFrame, rows: list[SplitRow], classes: list[str], log,
-                      phases: Phases, settings: dict) -> dict | None:
-    """``cv_folds`` > 1: the head (with ``settings``: the tuned head's choice) cross-validated
-    over the training split's group folds."""
+                      phases: Phases, settings: dict | None = None) -> dict | None:
+    """``cv_folds`` > 1: the head (with ``settings``, e.g. the tuned head's choice; default the
+    experiment's) cross-validated over the training split's group folds."""
     folds = exp["cv_folds"]
     if folds <= 1:
         return None
     _check_fold_gaps(rows, folds, f"cv_folds={folds}")
     kind = "group folds" if exp.group_pattern else "folds"
     log(f"cross-validation: {folds} stratified {kind} of the training split")
-    cv = {**experiment.cross_validate(train, settings, classes, folds), "grouped": bool(exp.group_pattern)}
+    cv = {**experiment.cross_validate(train, settings or exp.settings, classes, folds), "grouped": bool(exp.group_pattern)}
     acc = cv["accuracy"]
     log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
     phases.mark("cross_validation")
