@@ -37,7 +37,7 @@ def test_no_grid_is_the_plain_probe():
 
 def test_cross_validator_scores_each_candidate_on_the_folds_and_refits_the_best(spark):
     grid = {"regParam": [0.01, 30.0]}
-    settings = _settings(grid)
+    settings = _settings(grid, cv_folds=2)  # 2 candidates x 2 folds + the refit: 5 fits
     folds = tuning.fold_count(settings)
     split = with_split(_feature_rows(spark), seed=3, test_fraction=0.25, cv_folds=folds).cache()
     train = split.filter(~F.col("is_test"))
