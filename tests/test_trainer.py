@@ -74,12 +74,29 @@ def test_epochs_stream_every_image_once_in_a_new_seeded_order(tmp_path):
         next(images.batches(3, None, alive=lambda: False))
 
 
-def test_training_restores_the_best_epoch_and_saves_a_loadable_model(tmp_path):
+@pytest.fixture(scope="module")
+def trained_twice(tmp_path_factory):
+    """One cache trained twice with the same spec and seed (augmentation, dropout, class weights, 3
+    epochs): each run's history and saved weights; the second run's model file stays in the folder."""
     import keras
 
-    trainer.write_cache(iter(_batches(8)), str(tmp_path), 32, 10_000)
-    spec = _spec(epochs=3, class_weight={0: 1.0, 1: 1.0})
-    history = trainer.train(str(tmp_path), spec, log=lambda *_: None)
+    workdir = tmp_path_factory.mktemp("trained")
+    trainer.write_cache(iter(_batches(6)), str(workdir), 32, 10_000)
+    spec = dataclasses.replace(_spec(epochs=3, class_weight={0: 1.0, 1: 1.0}),
+                               network=dataclasses.replace(_spec().network, augment=True))
+    runs = []
+    for _ in range(2):
+        history = trainer.train(str(workdir), spec, log=lambda *_: None)
+        weights = [w.numpy() for w in keras.saving.load_model(str(workdir / trainer.MODEL_FILE), compile=False).weights]
+        runs.append((history, weights))
+    return workdir, runs
+
+
+def test_training_restores_the_best_epoch_and_saves_a_loadable_model(trained_twice):
+    import keras
+
+    tmp_path, runs = trained_twice
+    history = runs[-1][0]
     (stage,) = history["stages"]
     assert [e["epoch"] for e in stage["epochs"]] == list(range(1, len(stage["epochs"]) + 1))
     best = min(stage["epochs"], key=lambda e: e["val_loss"])
@@ -97,18 +114,13 @@ def test_training_restores_the_best_epoch_and_saves_a_loadable_model(tmp_path):
     assert int(compiled.optimizer.iterations.numpy()) == 0  # no optimizer state saved
 
 
-def test_training_is_seeded(tmp_path):
+def test_training_is_seeded(trained_twice):
     """The same cache, spec and seed give the same trained weights (augmentation, dropout, order)."""
-    import keras
-
-    trainer.write_cache(iter(_batches(4)), str(tmp_path), 32, 10_000)
-    spec = dataclasses.replace(_spec(epochs=1), network=dataclasses.replace(_spec().network, augment=True))
-    runs = []
-    for _ in range(2):
-        trainer.train(str(tmp_path), spec, log=lambda *_: None)
-        runs.append([w.numpy() for w in keras.saving.load_model(str(tmp_path / trainer.MODEL_FILE), compile=False).weights])
-    for first, second in zip(*runs):
-        np.testing.assert_array_equal(first, second)
+    (first_history, first), (second_history, second) = trained_twice[1]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    losses = [[e["val_loss"] for e in h["stages"][0]["epochs"]] for h in (first_history, second_history)]
+    assert losses[0] == losses[1]
 
 
 def test_stage_two_trains_the_top_units_only(tmp_path):
