@@ -14,7 +14,7 @@ from xray.errors import DataError
 from xray.split import with_split
 
 CLASSES = ["a", "b", "c"]
-CLASSIFIER = {"regParam": 0.01, "elasticNetParam": 0.0, "maxIter": 10, "tol": 1e-6, "standardization": True}
+CLASSIFIER = {"regParam": 0.01, "elasticNetParam": 0.0, "maxIter": 5, "tol": 1e-6, "standardization": True}
 
 
 def _settings(grid=None, cv_folds=0):
