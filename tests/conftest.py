@@ -158,20 +158,38 @@ _FRESH_PREDICT = (
     "from pyspark.ml import PipelineModel\n"
     "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
     ".config('spark.ui.enabled','false').getOrCreate()\n"
-    "m = PipelineModel.load(sys.argv[1])\n"
-    "df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(sys.argv[2])\n"
-    "rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
-    "print(json.dumps({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}))\n"
+    "out = []\n"
+    "for model_dir, images_dir in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+    "    m = PipelineModel.load(model_dir)\n"
+    "    df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(images_dir)\n"
+    "    rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
+    "    out.append({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows})\n"
+    "print(json.dumps(out))\n"
 )
 
 
-def predict_in_fresh_process(model_dir, images_dir, cwd) -> dict:
-    """``{path: [predicted_label, probabilities]}`` of a saved PipelineModel loaded in a new Python
-    process (its own SparkSession) on the image files under ``images_dir``."""
+def predict_in_fresh_process(cwd, *models) -> list[dict]:
+    """For each ``(model_dir, images_dir)``: ``{path: [predicted_label, probabilities]}`` of the
+    saved PipelineModel on the image files under ``images_dir``, all loaded in ONE new Python
+    process (its own SparkSession): a second process costs a whole Spark and TensorFlow start."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _FRESH_PREDICT, str(model_dir), str(images_dir)],
+    args = [str(p) for pair in models for p in pair]
+    out = subprocess.run([sys.executable, "-c", _FRESH_PREDICT, *args],
                          capture_output=True, text=True, timeout=600, cwd=str(cwd))
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def keras_classifier_pipeline(keras_file: str, classes, image_size: int):
+    """A PipelineModel (StringIndexerModel, KerasImageClassifier, IndexToString) around a .keras file."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import IndexToString, StringIndexerModel
+
+    from imagefeaturizer.classifier import KerasImageClassifier
+
+    indexer = StringIndexerModel.from_labels(list(classes), inputCol="label", outputCol="label_index")
+    classifier = KerasImageClassifier(modelFile=keras_file, imageSize=image_size, batchSize=4)
+    converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=list(classes))
+    return PipelineModel([indexer, classifier, converter])

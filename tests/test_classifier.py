@@ -1,17 +1,16 @@
 """KerasImageClassifier: a saved Keras network as a Spark ML stage: its predictions, bad images, and a
-PipelineModel holding the .keras file that loads elsewhere (a fresh process, a file: URI)."""
+PipelineModel holding the .keras file that loads elsewhere (a file: URI; a fresh process in
+tests/test_featurizer.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 from pyspark.ml import PipelineModel
-from pyspark.ml.feature import IndexToString, StringIndexerModel
 
-from conftest import make_dataset, predict_in_fresh_process
+from conftest import keras_classifier_pipeline, make_dataset
 from imagefeaturizer import networks
 from imagefeaturizer.classifier import STAGE_MODEL_FILE, KerasImageClassifier
 from imagefeaturizer.images import decode_to_pil, resize_pil
@@ -71,10 +70,7 @@ def test_bad_images_fail_naming_the_file_or_are_skipped(spark, tmp_path, keras_f
 
 
 def _pipeline(spark, keras_file):
-    indexer = StringIndexerModel.from_labels(CLASSES, inputCol="label", outputCol="label_index")
-    classifier = KerasImageClassifier(modelFile=keras_file, imageSize=32, batchSize=4)
-    converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=CLASSES)
-    return PipelineModel([indexer, classifier, converter])
+    return keras_classifier_pipeline(keras_file, CLASSES, 32)
 
 
 def _predictions(model, images) -> dict:
@@ -87,32 +83,19 @@ def test_saved_pipeline_holds_the_keras_file_also_through_a_uri(spark, tmp_path,
     images = _images(spark, root)
     model = _pipeline(spark, keras_file)
     before = _predictions(model, images)
-    for dest in (str(tmp_path / "plain"), "file://" + str(tmp_path / "uri")):
-        model.write().save(dest)
-        folder = dest[len("file://"):] if dest.startswith("file://") else dest
-        stage_dir = next(d for d in os.listdir(os.path.join(folder, "stages")) if "KerasImageClassifier" in d)
-        with open(os.path.join(folder, "stages", stage_dir, STAGE_MODEL_FILE), "rb") as f, open(keras_file, "rb") as g:
-            assert f.read() == g.read()
-        loaded = PipelineModel.load(dest)
-        stage = loaded.stages[1]
-        assert isinstance(stage, KerasImageClassifier) and stage.getImageSize() == 32
-        assert stage.getModelFile() != keras_file and os.path.isfile(stage.getModelFile())
-        assert _predictions(loaded, images) == before
+    # A file: URI here; a plain path in the fresh-process test below and in every run's model folder.
+    folder = tmp_path / "uri"
+    model.write().save("file://" + str(folder))
+    stage_dir = next(d for d in os.listdir(folder / "stages") if "KerasImageClassifier" in d)
+    with open(folder / "stages" / stage_dir / STAGE_MODEL_FILE, "rb") as f, open(keras_file, "rb") as g:
+        assert f.read() == g.read()
+    loaded = PipelineModel.load("file://" + str(folder))
+    stage = loaded.stages[1]
+    assert isinstance(stage, KerasImageClassifier) and stage.getImageSize() == 32
+    assert stage.getModelFile() != keras_file and os.path.isfile(stage.getModelFile())
+    assert _predictions(loaded, images) == before
 
 
-@pytest.mark.slow
-def test_saved_pipeline_loads_in_a_fresh_process_with_identical_predictions(spark, tmp_path, keras_file):
-    root = make_dataset(tmp_path / "raw", classes=("a", "b"), per_class=3)
-    own = str(tmp_path / "own.keras")
-    shutil.copyfile(keras_file, own)
-    model = _pipeline(spark, own)
-    before = _predictions(model, _images(spark, root))
-    save_to = str(tmp_path / "model")
-    model.write().save(save_to)
-    os.remove(own)  # the saved model holds its own copy
-    loaded = {_strip(k): tuple(v) for k, v in predict_in_fresh_process(save_to, root, tmp_path).items()}
-    assert loaded.keys() == before.keys()
-    for path, (label, probability) in before.items():
-        assert loaded[path][0] == label
-        # float32 sums in another batch layout (local[1] there) may differ in the last bit
-        np.testing.assert_allclose(loaded[path][1], probability, rtol=1e-5, atol=1e-6)
+# A saved pipeline that loads in a fresh process with identical predictions (the .keras file it
+# was built from deleted) is checked in tests/test_featurizer.py's fresh-process test, in the same
+# second process as the featurizer's pipeline (one Spark and TensorFlow start for both).

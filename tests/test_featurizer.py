@@ -13,7 +13,8 @@ from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.feature import IndexToString, StringIndexer
 from pyspark.ml.linalg import DenseVector
 
-from conftest import ROOT, FakeSession, make_dataset, png_bytes, predict_in_fresh_process, xray_like
+from conftest import (ROOT, FakeSession, keras_classifier_pipeline, make_dataset, png_bytes, predict_in_fresh_process,
+                      xray_like)
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
@@ -217,14 +218,36 @@ def test_pipeline_saves_and_loads_in_a_fresh_process(spark, tmp_path):
     }
     save_to = str(tmp_path / "model")
     model.write().save(save_to)
+    # A trained network's pipeline (KerasImageClassifier) loads in the same fresh process.
+    classifier_model, classifier_predictions = _saved_classifier_pipeline(spark, tmp_path, images)
 
-    loaded = {_strip(k): v for k, v in predict_in_fresh_process(save_to, root, ROOT).items()}
-    assert loaded.keys() == predictions.keys()
-    for path, (label, prob) in predictions.items():
-        assert loaded[path][0] == label
-        np.testing.assert_allclose(loaded[path][1], prob, rtol=1e-5, atol=1e-6)
+    fresh, fresh_classifier = predict_in_fresh_process(ROOT, (save_to, root), (classifier_model, root))
+    for got, expected in ((fresh, predictions), (fresh_classifier, classifier_predictions)):
+        loaded = {_strip(k): v for k, v in got.items()}
+        assert loaded.keys() == expected.keys()
+        for path, (label, prob) in expected.items():
+            assert loaded[path][0] == label
+            # float32 sums in another batch layout (local[1] there) may differ in the last bit
+            np.testing.assert_allclose(loaded[path][1], prob, rtol=1e-5, atol=1e-6)
     stage = PipelineModel.load(save_to).stages[1]
     assert isinstance(stage, KerasImageFeaturizer) and stage.getWeights() == "random"
+
+
+def _saved_classifier_pipeline(spark, tmp_path, images):
+    """A SmallCNN's pipeline saved to a plain path, its own .keras file deleted (the saved model
+    holds a copy): (the folder, its predictions here)."""
+    from imagefeaturizer import networks
+
+    spec = networks.NetworkSpec(kind=networks.SCRATCH, model_name="SmallCNN", n_classes=2, image_size=32, seed=3)
+    own = str(tmp_path / "own.keras")
+    networks.build_network(spec)[0].save(own)
+    model = keras_classifier_pipeline(own, ["a", "b"], 32)
+    predictions = {_strip(r.path): (r.predicted_label, r.probability.toArray().tolist())
+                   for r in model.transform(images.drop("label")).select("path", "predicted_label", "probability").collect()}
+    save_to = str(tmp_path / "classifier_model")
+    model.write().save(save_to)
+    os.remove(own)
+    return save_to, predictions
 
 
 @pytest.mark.slow
