@@ -123,6 +123,7 @@ def test_training_is_seeded(trained_twice):
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow  # VGG16 fitted in two stages
 def test_stage_two_trains_the_top_units_only(tmp_path):
     trainer.write_cache(iter(_batches(6)), str(tmp_path), 32, 10_000)
     network = networks.NetworkSpec(kind=networks.FINETUNE, model_name="VGG16", n_classes=2, image_size=32,

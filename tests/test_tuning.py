@@ -35,6 +35,7 @@ def test_no_grid_is_the_plain_probe():
     assert tuning.fold_count(_settings({"regParam": [0.1]}, cv_folds=5)) == 5
 
 
+@pytest.mark.slow  # 7 LogisticRegression fits in Spark, each a few Spark jobs an iteration
 def test_cross_validator_scores_each_candidate_on_the_folds_and_refits_the_best(spark):
     grid = {"regParam": [0.01, 30.0]}
     settings = _settings(grid, cv_folds=2)  # 2 candidates x 2 folds + the refit: 5 fits
