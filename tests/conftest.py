@@ -132,3 +132,64 @@ def cached_features(out) -> dict[str, np.ndarray]:
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "raw")
+
+
+def feature_rows(spark, classes, per_class: int, noise: float, seed: int):
+    """Labelled feature vectors (``path``, ``label``, ``features``): one cluster a class in 4
+    dimensions, class k shifted by 3 along dimension k, ``noise`` the spread of each."""
+    from pyspark.ml.linalg import Vectors, VectorUDT
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, cls in enumerate(classes):
+        for i in range(per_class):
+            v = rng.normal(0, noise, 4)
+            v[k] += 3.0
+            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
+    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
+                         StructField("features", VectorUDT())])
+    return spark.createDataFrame(rows, schema)
+
+
+_FRESH_PREDICT = (
+    "import json, sys\n"
+    "from pyspark.sql import SparkSession\n"
+    "from pyspark.ml import PipelineModel\n"
+    "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
+    ".config('spark.ui.enabled','false').getOrCreate()\n"
+    "out = []\n"
+    "for model_dir, images_dir in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+    "    m = PipelineModel.load(model_dir)\n"
+    "    df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(images_dir)\n"
+    "    rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
+    "    out.append({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows})\n"
+    "print(json.dumps(out))\n"
+)
+
+
+def predict_in_fresh_process(cwd, *models) -> list[dict]:
+    """For each ``(model_dir, images_dir)``: ``{path: [predicted_label, probabilities]}`` of the
+    saved PipelineModel on the image files under ``images_dir``, all loaded in ONE new Python
+    process (its own SparkSession): a second process costs a whole Spark and TensorFlow start."""
+    import json
+    import subprocess
+
+    args = [str(p) for pair in models for p in pair]
+    out = subprocess.run([sys.executable, "-c", _FRESH_PREDICT, *args],
+                         capture_output=True, text=True, timeout=600, cwd=str(cwd))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def keras_classifier_pipeline(keras_file: str, classes, image_size: int):
+    """A PipelineModel (StringIndexerModel, KerasImageClassifier, IndexToString) around a .keras file."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import IndexToString, StringIndexerModel
+
+    from imagefeaturizer.classifier import KerasImageClassifier
+
+    indexer = StringIndexerModel.from_labels(list(classes), inputCol="label", outputCol="label_index")
+    classifier = KerasImageClassifier(modelFile=keras_file, imageSize=image_size, batchSize=4)
+    converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=list(classes))
+    return PipelineModel([indexer, classifier, converter])

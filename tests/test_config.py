@@ -15,6 +15,8 @@ from xray.experiment import make_classifier
 
 CONFIG = os.path.join(ROOT, "config.yaml")
 EXPECTED = {f"{m}_{t}_classification" for m in backbones.BACKBONES for t in ("binary", "multiclass")}
+TRAINED = ({f"{m}_{t}_finetune" for m in backbones.BACKBONES for t in ("binary", "multiclass")}
+           | {f"SmallCNN_{t}_scratch" for t in ("binary", "multiclass")})
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,37 @@ def config():
 
 
 def test_one_entry_per_model_and_task(config):
-    assert set(config.names) == EXPECTED | {"dataset_resize", "dataset_download"}
+    assert set(config.names) == EXPECTED | TRAINED | {"dataset_resize", "dataset_download"}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_every_trained_entry_plans_its_network(config, name):
+    from xray.training import is_trained, plan
+
+    exp = config.experiment(name)
+    model, task, method = name.split("_")
+    assert (exp.model, exp.task, exp["train"]) == (model, task, method) and is_trained(exp)
+    p = plan(exp)
+    assert p.kind == method and (p.units == 0 if method == "scratch" else 0 < exp["finetune"]["unfreeze"] <= p.units)
+    assert p.image_size == (128 if model == "SmallCNN" else backbones.get_backbone(model).input_size)
+
+
+@pytest.mark.parametrize(
+    "entry,sets,message",
+    [
+        ("VGG16_binary_finetune", ["train=transfer"], "expected one of probe, finetune, scratch"),
+        ("VGG16_binary_classification", ["model=SmallCNN"], "is trained from scratch: set train: scratch"),
+        ("SmallCNN_binary_scratch", ["train=finetune"], "model 'SmallCNN' is trained from scratch"),
+        ("VGG16_binary_finetune", ["finetune.unfreeze=6"], "finetune.unfreeze=6 is larger than VGG16, which has 5"),
+        ("Xception_binary_finetune", ["training.image_size=64"], "training.image_size=64 is too small for Xception"),
+    ],
+)
+def test_bad_training_settings_are_one_line(config, entry, sets, message):
+    from xray.training import plan
+
+    with pytest.raises(ConfigError, match=message) as info:
+        plan(config.experiment(entry, sets))
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

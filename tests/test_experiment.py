@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from pyspark.ml import PipelineModel
 from pyspark.ml.feature import StringIndexer
-from pyspark.ml.linalg import Vectors, VectorUDT
-from pyspark.sql.types import StringType, StructField, StructType
 
 from imagefeaturizer.featurizer import KerasImageFeaturizer
+from conftest import feature_rows
 from xray import experiment
 from xray.errors import DataError
 from xray.split import with_split
@@ -24,16 +23,7 @@ SETTINGS = {"classifier": {"regParam": 0.01, "elasticNetParam": 0.0, "maxIter": 
 
 def _feature_rows(spark, per_class: int = 6):
     """Three well-separated clusters in 4 dimensions, one per class."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for k, cls in enumerate(CLASSES):
-        for i in range(per_class):
-            v = rng.normal(0, 0.2, 4)
-            v[k] += 3.0
-            rows.append((f"file:/d/{cls}/{i}.png", cls, Vectors.dense(v)))
-    schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
-                         StructField("features", VectorUDT())])
-    return spark.createDataFrame(rows, schema)
+    return feature_rows(spark, CLASSES, per_class, noise=0.2, seed=0)
 
 
 def test_fit_evaluate_assemble_and_cross_validate_on_separable_features(spark):

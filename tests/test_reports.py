@@ -67,6 +67,20 @@ def test_format_result_states_the_split_and_near_duplicates():
                           "  near-duplicate train-test pairs (standardised-feature cosine >= 0.995): 2"]
 
 
+def test_a_trained_network_states_near_duplicates_n_a_and_its_validation_rows(tmp_path):
+    m, _, _ = _binary()
+    m = {**m, "method": "scratch", "near_duplicates": {"pairs": None, "reason": "no features"}}
+    assert "  near-duplicate train-test pairs: n/a (no features)" in reports.format_result(m, "/r/x").splitlines()
+    row = reports.summary_row("SmallCNN_binary_scratch", m)
+    assert re.search(r"\| SmallCNN_binary_scratch \| ResNet50 \| binary \| scratch \|.* \| n/a \|",
+                     reports.summary_markdown([row]))
+    rows = [SplitRow("file:/d/a/1.png", "a", "a/1.png", False, 0), SplitRow("file:/d/a/2.png", "a", "a/2.png", False, 0),
+            SplitRow("file:/d/a/3.png", "a", "a/3.png", True, -1)]
+    reports.write_split_csv(str(tmp_path), rows, frozenset({"file:/d/a/2.png"}))
+    assert [r["side"] for r in csv.DictReader(open(tmp_path / "split.csv", encoding="utf-8"))] == [
+        "train", "validation", "test"]
+
+
 def test_split_and_near_duplicate_csv_files(tmp_path):
     rows = [SplitRow("file:/d/a/00000001_000.png", "a", "00000001", False, 1),
             SplitRow("file:/d/b/x,y.png", "b", "b/x,y.png", True, -1)]
@@ -136,7 +150,8 @@ def test_summary_table_markdown_and_csv():
         [(r"^(\d{8})_", "646", "3"), ("", "6", "0"), ("", "", "")]
 
     md = reports.summary_markdown(rows)
-    assert "| ResNet50_binary_classification | ResNet50 | binary | 0.714 (" in md
+    assert "| ResNet50_binary_classification | ResNet50 | binary | linear probe | 0.714 (" in md
+    assert [r["method"] for r in table] == ["linear probe", "linear probe", ""]
     assert "0.800 ± 0.050 (3 folds)" in md
     assert "## Failed\n\n- VGG16_binary_classification: weights for VGG16 unavailable offline" in md
     assert "NOT transfer learning" in md

@@ -8,10 +8,12 @@ shared by the tests; the feature cache makes every later run cheap.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,12 +21,13 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
-from xray import explain, progress
+from xray import explain, progress, tracking
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
 from xray.explain import run_explain
 from xray.predict import run_predict
+from xray.reports import format_result
 from xray.run import run_experiment
 from xray.sweep import run_sweep
 
@@ -32,6 +35,9 @@ pytestmark = pytest.mark.slow  # every test shares a whole sweep
 
 BINARY, MULTI, BROKEN = "ResNet50_binary_classification", "ResNet50_multiclass_classification", "ResNet50_broken_classification"
 FOLDS = "ResNet50_folds_classification"  # too few images a class for its folds: fails before Spark
+TUNED = "ResNet50_tuned_classification"  # the tuned head on the binary entry's cached features
+SCRATCH = "SmallCNN_binary_scratch"  # trained from scratch in a Spark barrier task: 1 epoch, 32x32
+SWEPT = (BINARY, MULTI, BROKEN, FOLDS, TUNED, SCRATCH)
 # Timing and cache bookkeeping differ between runs; everything else must not.
 VOLATILE = {"wall_seconds", "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
             "images_per_second_source", "images_featurized_for_other_tasks", "phase_seconds"}
@@ -57,6 +63,9 @@ def _config():
     config.tasks["broken"] = ["Covid-19", "Missing"]
     config.entries[BROKEN] = {"model": "ResNet50", "task": "broken"}
     config.entries[FOLDS] = {"model": "ResNet50", "task": "binary", "cv_folds": 5}  # 4 training images a class
+    config.entries[TUNED] = {"model": "ResNet50", "task": "binary", "classifier": {"grid": {"regParam": [0.01, 100.0]}}}
+    config.entries[SCRATCH] = {"model": "SmallCNN", "task": "binary", "train": "scratch",
+                               "training": {"epochs": 1, "image_size": 32, "batch_size": 4}}
     return config
 
 
@@ -66,42 +75,64 @@ def swept(spark, tmp_path_factory):
     raw = make_dataset(root / "raw")
     config, overrides = _config(), _overrides(root, raw)
     logs: list[str] = []
+    logged: dict[str, tuple] = {}  # what MLflow tracking would log, seen when it is called
+
+    def log_experiment(exp, result, model, log):
+        files = [getattr(s, "getModelFile", lambda: None)() for s in model.stages]
+        logged[exp.name] = (os.path.isfile(os.path.join(exp.results_dir, "metrics.json")), result["method"],
+                            [type(s).__name__ for s in model.stages], all(f is None or os.path.isfile(f) for f in files))
+
+    only_swept = dataclasses.replace(config, entries={name: config.entries[name] for name in SWEPT})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(progress, "PROGRESS_EVERY_S", 0.5)
-        code = run_sweep(config, "ResNet50_*", overrides, log=logs.append)
-    return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs}
+        mp.setattr(tracking, "log_experiment", log_experiment)
+        code = run_sweep(only_swept, "*", overrides, log=logs.append)
+    return {"root": root, "raw": raw, "config": config, "overrides": overrides, "code": code, "logs": logs,
+            "logged": logged}
 
 
 def _metrics(swept, name):
     return json.loads((swept["root"] / "results" / name / "metrics.json").read_text())
 
 
+def _split_csv(swept, name):
+    return list(csv.DictReader(open(swept["root"] / "results" / name / "split.csv", encoding="utf-8")))
+
+
 def test_sweep_writes_summary_and_survives_a_failure(swept):
     root, logs = swept["root"], swept["logs"]
     assert swept["code"] == 1  # two experiments failed
     rows = list(csv.DictReader(open(root / "results" / "summary.csv", encoding="utf-8")))
-    assert [(r["experiment"], r["status"]) for r in rows] == [
-        (BINARY, "ok"), (MULTI, "ok"), (BROKEN, "failed"), (FOLDS, "failed")]
+    assert [(r["experiment"], r["status"], r["method"]) for r in rows] == [
+        (BINARY, "ok", "linear probe"), (MULTI, "ok", "linear probe"), (BROKEN, "failed", ""),
+        (FOLDS, "failed", ""), (TUNED, "ok", "tuned probe"), (SCRATCH, "ok", "scratch")]
     assert rows[3]["error"].startswith("class Covid-19 needs at least 7 images")  # 2 test and 5 training images
     assert any(line.startswith(f"FAILED {FOLDS}: class Covid-19 needs at least 7 images") for line in logs)
     # fits and reports run on other threads: their lines name the experiment
     assert any(line.startswith(f"[{MULTI}] features: 18 images") for line in logs), logs
-    for r in rows[:2]:
+    for r in rows[:2] + rows[4:]:
         m = _metrics(swept, r["experiment"])
         assert float(r["accuracy"]) == pytest.approx(m["accuracy"])
         assert float(r["ci95_low"]) == pytest.approx(m["accuracy_ci95"][0])
         assert float(r["recall_Covid-19"]) == pytest.approx(m["per_class"]["Covid-19"]["recall"])
+        files = sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith("."))
+        if r["method"] == "scratch":  # no features: no near-duplicates, no class activation maps
+            assert files == ["config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model",
+                             "roc.png", "split.csv"]
+            assert r["near_duplicates"] == "" and r["border_share_Covid-19"] == ""
+            continue
         assert float(r["images_per_second"]) > 0
-        assert sorted(f for f in os.listdir(root / "results" / r["experiment"]) if not f.startswith(".")) == [
-            "cam_gallery.png", "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json", "model",
-            "near_duplicates.csv", "roc.png", "split.csv"]
+        assert files == ["cam_gallery.png", "config.json", "confusion_matrix.png", "learning_curve.png", "metrics.json",
+                         "model", "near_duplicates.csv", "roc.png", "split.csv"]
         shares = m["explanations"]["per_class"]
         assert [float(r[f"border_share_{c}"]) for c in shares] == pytest.approx([v["border_share"] for v in shares.values()])
     assert rows[0]["recall_Pneumonia"] == "" and rows[1]["recall_Pneumonia"] != ""
     assert "lacks class folder(s) Missing" in rows[2]["error"]
 
     md = (root / "results" / "summary.md").read_text()
-    assert f"| {BINARY} | ResNet50 | binary |" in md and f"| {BROKEN} | ResNet50 | broken | FAILED |" in md
+    assert f"| {BINARY} | ResNet50 | binary | linear probe |" in md and f"| {SCRATCH} | SmallCNN | binary | scratch |" in md
+    assert re.search(rf"\| {SCRATCH} \|[^\n]* \| n/a \|", md)  # near-dups: a trained network has no features
+    assert f"| {BROKEN} | ResNet50 | broken |  | FAILED |" in md
     assert re.search(rf"## Failed\n\n- {BROKEN}: data folder .* lacks class folder\(s\) Missing", md)
     assert (root / "results" / "summary.png").stat().st_size > 10_000
     assert [f for f in os.listdir(root / "results") if f.startswith(".tmp")] == []
@@ -116,6 +147,50 @@ def test_sweep_writes_summary_and_survives_a_failure(swept):
     # progress of the featurization job: images done of total, images/s, time left
     assert any(re.fullmatch(r"featurizing: \d+ of 18 images, (starting \(\d+ s\)|[\d.]+ images/s, about \d+ s left)", line)
                for line in logs), logs
+
+
+def test_tuned_head_records_its_grid_and_choice_and_saves_the_usual_model(swept):
+    m = _metrics(swept, TUNED)
+    record = m["tuning"]
+    assert m["method"] == "tuned probe" and m["images_featurized"] == 0  # the binary entry's cached features
+    assert record["grid"] == {"regParam": [0.01, 100.0]} and record["folds"] == 2 and record["fits"] == 5
+    assert [c["params"]["regParam"] for c in record["candidates"]] == [0.01, 100.0]
+    assert all(c["mean"] > 0 and c["std"] >= 0 for c in record["candidates"])
+    assert record["chosen"] == min(record["candidates"], key=lambda c: c["mean"])["params"]
+    assert m["config"]["classifier"]["grid"] == {"regParam": [0.01, 100.0]} and record["seconds"] > 0
+    model = PipelineModel.load(str(swept["root"] / "results" / TUNED / "model"))
+    assert [type(s).__name__ for s in model.stages] == [
+        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
+    assert model.stages[2].getRegParam() == record["chosen"]["regParam"]
+
+
+def test_network_trained_from_scratch_reports_like_a_probe(swept):
+    m, probe = _metrics(swept, SCRATCH), _metrics(swept, BINARY)
+    assert m["method"] == "scratch" and not m["transfer_learning"] and m["weights"] == "none"
+    assert set(probe) - set(m) <= {"cross_validation"}  # metrics.json has the probe's keys
+    assert (m["n_train"], m["n_test"]) == (probe["n_train"], probe["n_test"])  # the same split
+    t = m["training"]
+    assert t["n_fit"] + t["n_validation"] == m["n_train"] and t["n_validation"] >= 2  # one a class at least
+    assert [e["epoch"] for e in t["epochs"]] == [1] and t["chosen_epoch"] == 1 and t["network"]["image_size"] == 32
+    assert all(k in t["epochs"][0] for k in ("loss", "accuracy", "val_loss", "val_accuracy"))
+    assert t["images_per_second"] > 0 and t["cached_images"] == {"train": t["n_fit"], "validation": t["n_validation"]}
+    assert set(t["class_weight"]) == {"Covid-19", "No_findings"}
+    assert sum(map(sum, m["confusion_matrix"]["rows_true_columns_predicted"])) == m["n_test"]
+    # The probe's grouped split, its training side cut into fitting and validation rows (split.csv).
+    split = {r["path"]: r["side"] for r in _split_csv(swept, SCRATCH)}
+    assert Counter(split.values()) == {"train": t["n_fit"], "validation": t["n_validation"], "test": m["n_test"]}
+    assert {p: "train" if s == "validation" else s for p, s in split.items()} == {
+        r["path"]: r["side"] for r in _split_csv(swept, BINARY)}
+    assert m["split"]["grouped"] and m["split"]["groups"] == len(split) and m["near_duplicates"]["pairs"] is None
+    assert "skipped" in m["explanations"] and m["engine"]["engine"] == "keras"
+    # MLflow tracking gets the run after its folder is in place, with the model's .keras file still readable.
+    assert swept["logged"][SCRATCH] == (True, "scratch", ["StringIndexerModel", "KerasImageClassifier", "IndexToString"],
+                                        True)
+    assert swept["logged"][TUNED][:2] == (True, "tuned probe")
+    lines = format_result(m, str(swept["root"] / "results")).splitlines()
+    assert "[trained from scratch: NOT transfer learning]" in lines[0]
+    assert any(line.startswith(f"  training (scratch): {t['n_fit']} images, 1 epoch(s) in 1 stage(s), chosen epoch 1")
+               for line in lines), lines
 
 
 def test_cross_validation_on_training_folds(swept):
@@ -196,6 +271,27 @@ def test_predict_one_file_with_a_model_folder(swept, capsys):
     assert len(lines) == 1 and re.fullmatch(rf"{re.escape(image)}\t\S+\tCovid-19=[\d.]+\tNo_findings=[\d.]+", lines[0])
     rows = list(csv.DictReader(open(model_dir.parent / "predictions.csv", encoding="utf-8")))
     assert [r["path"] for r in rows] == [image] and rows[0]["folder_class"] == "No_findings"
+
+
+def test_predict_with_a_trained_network_matches_its_saved_model(spark, swept, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    # The Pneumonia folder: any image, also of a class the network does not know (6 images: a
+    # trained network's predict is the same code for every folder).
+    assert run_predict(swept["config"], SCRATCH, os.path.join(swept["raw"], "Pneumonia"), str(out), swept["overrides"],
+                       log=print) == 0
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert len(rows) == 6 and not any(r["error"] for r in rows)
+    model = PipelineModel.load(str(swept["root"] / "results" / SCRATCH / "model"))
+    assert [type(s).__name__ for s in model.stages] == ["StringIndexerModel", "KerasImageClassifier", "IndexToString"]
+    resized = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(
+        str(swept["root"] / "resized" / "Pneumonia"))
+    expected = {tuple(r.path.rsplit("/", 2)[-2:]): (r.predicted_label, r.probability.toArray())
+                for r in model.transform(resized).select("path", "predicted_label", "probability").collect()}
+    for r in rows:
+        cls, name = r["path"].rsplit("/", 2)[-2:]
+        label, probability = expected[(cls, os.path.splitext(name)[0] + ".png")]
+        assert r["predicted_class"] == label
+        assert np.allclose([float(r["p_Covid-19"]), float(r["p_No_findings"])], probability, atol=1e-5)
 
 
 def test_predict_errors_are_one_line(swept, tmp_path, capsys):
@@ -285,6 +381,9 @@ def test_explain_another_class_into_the_default_folder_and_refusals(spark, swept
     np.testing.assert_allclose(by_class["Covid-19"], -by_class["No_findings"], atol=1e-5)  # binomial: [-m, m]
     with pytest.raises(ConfigError, match="--class 'Lungs' is not a class of the model: expected one of Covid-19, No_findings"):
         run_explain(swept["config"], str(model_dir), image, None, "Lungs", swept["overrides"])
+    with pytest.raises(DataError, match=r"holds a trained network .* linear probes only \(train: probe\)"):
+        run_explain(swept["config"], SCRATCH, image, str(tmp_path / "scratch"), None, swept["overrides"])
+    assert not (tmp_path / "scratch").exists()
 
     model = PipelineModel.load(str(model_dir))
     featurizer = model.stages[1]

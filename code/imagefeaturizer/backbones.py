@@ -260,13 +260,16 @@ def resolve_weights(backbone: Backbone | str, weights: str) -> str | None:
     return path
 
 
-def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str | None = "avg"):
+def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str | None = "avg",
+                input_size: int | None = None):
     """The frozen Keras backbone without its top, with global ``pooling``, exactly as Keras defines it.
 
     ``pooling=None``: no pooling, the model outputs the last spatial feature maps
     (``backbone.map_shape`` per image, from layer ``backbone.map_layer``). Pooling has no weights:
     the same ``weights_path`` gives the same weights either way. ``weights_path`` comes from
-    :func:`resolve_weights` (None: seeded random weights).
+    :func:`resolve_weights` (None: seeded random weights). ``input_size``: the square input side
+    (default: the backbone's own; Keras accepts smaller ones without the top, e.g. for fine-tuning
+    tests on tiny images).
     """
     if isinstance(backbone, str):
         backbone = get_backbone(backbone)
@@ -277,7 +280,7 @@ def build_model(backbone: Backbone | str, weights_path: str | None, pooling: str
     kwargs = dict(
         include_top=False,
         pooling=pooling,
-        input_shape=(backbone.input_size, backbone.input_size, 3),
+        input_shape=(input_size or backbone.input_size, input_size or backbone.input_size, 3),
     )
     if weights_path is None:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)

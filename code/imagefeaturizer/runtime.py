@@ -10,6 +10,8 @@
   growth (:func:`configure_gpus`), and after the build ``gc.freeze``
   (:func:`freeze_in_spark_worker`); :func:`drop_zip_finders` after each batch. A worker that runs
   an exported engine (OpenVINO) imports neither TensorFlow nor Keras.
+- :func:`get_keras_model`: a saved Keras model (a trained classifier's ``.keras`` file) loaded once
+  per process, in the same cache and after the same set-up as the extractors.
 - :func:`local_weights` and the exported model's files: as this machine sees them, checked against
   the driver's sha256 (:func:`local_file`).
 - :func:`featurize_batches`: the body of the featurizer's pandas UDF, one Arrow batch at a time
@@ -122,12 +124,26 @@ def get_extractor(
     (:func:`freeze_in_spark_worker`).
     """
     key = (model_name, weights_path, pooling, weights_sha256, engine, model_files)
+    return _cached(key, lambda: _build_extractor(model_name, weights_path, pooling, weights_sha256, engine,
+                                                 model_files))
+
+
+def get_keras_model(path: str, sha256: str | None):
+    """A saved Keras model (``.keras``, e.g. a trained classifier) loaded once per process, in the
+    extractors' cache; ``path`` is the driver's, the file used :func:`local_file`'s (the driver
+    ships it with :func:`imagefeaturizer.shipping.ship_file`)."""
+    return _cached(("keras-model", path, sha256), lambda: _load_keras_model(path, sha256))
+
+
+def _cached(key: tuple, build):
+    """The cached item for ``key`` (an extractor or a Keras model), built on first use; the most
+    recently used last."""
     with _LOCK:
-        extractor = _EXTRACTORS.pop(key, None)
-        if extractor is None:
-            extractor = _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, model_files)
-        _EXTRACTORS[key] = extractor
-        return extractor
+        item = _EXTRACTORS.pop(key, None)
+        if item is None:
+            item = build()
+        _EXTRACTORS[key] = item
+        return item
 
 
 def _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, model_files) -> FeatureExtractor:
@@ -147,6 +163,23 @@ def _build_extractor(model_name, weights_path, pooling, weights_sha256, engine, 
     extractor = FeatureExtractor(model_name, source, pooling, engine, task_threads(engine))
     freeze_in_spark_worker()
     return extractor
+
+
+def _load_keras_model(path: str, sha256: str | None):
+    use_task_gpus()  # before TensorFlow initialises its devices
+    configure_threads()
+    source = local_file(path, sha256, "model file")
+    if len(_EXTRACTORS) >= MAX_EXTRACTORS:
+        _evict_oldest()
+    configure_gpus()
+    import keras
+
+    from .networks import preprocess_layer_class
+
+    preprocess_layer_class()  # registered before loading: saved networks use it
+    model = keras.saving.load_model(source, compile=False)
+    freeze_in_spark_worker()
+    return model
 
 
 def _evict_oldest() -> None:
@@ -422,16 +455,23 @@ def featurize_series(
 
 
 def _decode_batch(task: FeaturizeTask, records: list, origins: pd.Series) -> tuple[list[np.ndarray], list[int]]:
-    """The valid images, prepared for the backbone, and their rows; raises for an invalid one
-    unless ``skip``."""
-    backbone = backbones.get_backbone(task.model_name)
+    """The valid images, prepared for the backbone, and their rows."""
+    size = backbones.get_backbone(task.model_name).input_size
+    return decode_batch(records, origins, size, task.max_pixels, task.handle_invalid)
+
+
+def decode_batch(records: list, origins: pd.Series, size: int, max_pixels: int,
+                 handle_invalid: str) -> tuple[list[np.ndarray], list[int]]:
+    """The valid images of a batch as uint8 (size, size, 3) RGB arrays, and their rows; an invalid
+    image raises unless ``handle_invalid`` is ``skip``. ``origins`` name the images in errors."""
     arrays, keep = [], []
     for i, (record, origin) in enumerate(zip(records, origins)):
         origin = origin if isinstance(origin, str) and origin else f"row {i} of its batch"
         try:
-            arrays.append(prepare(decode_record(record, max_pixels=task.max_pixels, origin=origin), backbone))
+            image = decode_record(record, max_pixels=max_pixels, origin=origin)
+            arrays.append(np.asarray(resize_pil(image, (size, size)), dtype=np.uint8))
             keep.append(i)
         except InvalidImageError:
-            if task.handle_invalid == "error":
+            if handle_invalid == "error":
                 raise
     return arrays, keep

@@ -34,7 +34,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = os.path.basename(PACKAGE_DIR)
 
 _LOCK = threading.Lock()
-_FILES: dict[tuple, dict[str, str]] = {}  # session key -> {path: sha256} hashed (and shipped)
+_FILES: dict[tuple, dict[tuple, str]] = {}  # session key -> {(path, size, mtime): sha256} hashed (and shipped)
 _PACKAGE_SHIPPED: set[tuple] = set()  # session keys whose workers import this package
 _folder: str | None = None  # this process's files to ship (Spark serves them while it runs)
 
@@ -60,17 +60,19 @@ def ship_file(spark, path: str, sha256: str | None = None, name: str | None = No
     """The sha256 of ``path`` (hashed unless given), and the file shipped once per session where
     workers may not read the driver's path, under ``name`` (default :func:`shipped_name`: sha256
     prefix and file name). Files that must sit side by side (an exported model's graph and
-    weights) keep their own unique names. Workers find it with
+    weights) keep their own unique names. A file written again under the same path (a trained
+    model saved anew) is hashed and shipped again. Workers find it with
     :func:`imagefeaturizer.runtime.local_file`."""
-    key = session_key(spark)
+    stat = os.stat(path)
+    version = (path, stat.st_size, stat.st_mtime_ns)
     with _LOCK:
-        known = _FILES.setdefault(key, {})
-        if path not in known:
+        known = _FILES.setdefault(session_key(spark), {})
+        if version not in known:
             sha = sha256 or backbones.file_sha256(path)
             if _ships_files(spark):
                 spark.addArtifacts(_named_link(path, name or shipped_name(path, sha)), file=True)
-            known[path] = sha
-        return known[path]
+            known[version] = sha
+        return known[version]
 
 
 def _ships_files(spark) -> bool:

@@ -40,7 +40,8 @@ def _subtitle(m: dict) -> str:
     lo, hi = m["accuracy_ci95"]
     text = f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), {m['n_test']} test images"
     if not m.get("transfer_learning", True):
-        text += "\nweights=random: untrained backbone, NOT transfer learning"
+        text += ("\ntrained from scratch, NOT transfer learning" if m.get("method") == "scratch"
+                 else "\nweights=random: untrained backbone, NOT transfer learning")
     return text
 
 
@@ -101,7 +102,10 @@ def roc_chart(m: dict, y_true: np.ndarray, probability: np.ndarray, path: str) -
 
 
 def learning_curve_chart(m: dict, path: str) -> "Figure":
-    """The LogisticRegression objective (loss + regularization) at each L-BFGS iteration."""
+    """The LogisticRegression objective (loss + regularization) at each L-BFGS iteration; for a
+    trained network, :func:`training_curve_chart`."""
+    if m.get("training"):
+        return training_curve_chart(m, path)
     history = np.asarray(m.get("lr_objective_history") or [], dtype=float)
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
@@ -125,6 +129,38 @@ def learning_curve_chart(m: dict, path: str) -> "Figure":
     ax.set_ylabel("Objective: log loss + regularization")
     ax.set_title(f"{m['experiment']}: LogisticRegression training objective\n{note}", fontsize=10)
     ax.grid(alpha=0.3)
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def training_curve_chart(m: dict, path: str) -> "Figure":
+    """Loss and accuracy per epoch, training and validation, stages marked, the chosen epoch ringed."""
+    t = m["training"]
+    epochs = t["epochs"]
+    x = [e["epoch"] for e in epochs]
+    fig = _figure(8.8, 4.4)
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "loss", "Loss (cross-entropy)"), (axes[1], "accuracy", "Accuracy")):
+        ax.plot(x, [e.get(key) for e in epochs], marker="o", label=f"training ({key})")
+        ax.plot(x, [e.get(f"val_{key}") for e in epochs], marker="s", label=f"validation (val_{key})")
+        chosen = next((e for e in epochs if e["epoch"] == t["chosen_epoch"]), None)
+        if chosen is not None and chosen.get(f"val_{key}") is not None:
+            ax.plot([chosen["epoch"]], [chosen[f"val_{key}"]], "o", markersize=14, fillstyle="none", color="black",
+                    label=f"chosen epoch {chosen['epoch']}")
+        for stage in t["stages"][1:]:
+            first = min(e["epoch"] for e in epochs if e["stage"] == stage["stage"])
+            ax.axvline(first - 0.5, color="grey", linestyle="--", linewidth=1, label=f"stage {stage['stage']} starts")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    rate = t.get("images_per_second")
+    fig.suptitle(f"{m['experiment']}: {m.get('method', 'training')} learning curve\n"
+                 f"training images/s {rate if rate is not None else 'n/a'}; early stopping on validation loss",
+                 fontsize=10)
     save_figure_atomic(fig, path)
     return fig
 
@@ -172,7 +208,9 @@ def _summary_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict]:
     seen: set[tuple] = set()
     cells: dict[tuple[str, str], dict] = {}
     for r in rows:
-        key = (r["model"] or r["experiment"], r["task"] or "?")
+        method = r.get("method") or "linear probe"
+        group = r["model"] or r["experiment"]
+        key = (group if method == "linear probe" else f"{group}\n{method}", r["task"] or "?")
         if key in seen:
             key = (r["experiment"], key[1])
         seen.add(key)
@@ -203,7 +241,7 @@ def _summary_axes(ax_acc, ax_auc, x: np.ndarray, groups: list[str]) -> None:
     ax_acc.set_ylabel("Test accuracy (bars: 95% CI)")
     ax_auc.set_ylabel("ROC AUC\n(binary; macro one-vs-rest)")
     ax_auc.set_xticks(x, groups)
-    ax_auc.set_xlabel("Backbone")
+    ax_auc.set_xlabel("Backbone (and method, when not a linear probe)")
     for ax in (ax_acc, ax_auc):
         ax.grid(axis="y", alpha=0.3)
 

@@ -106,6 +106,7 @@ def cmd_run(args) -> int:
     from .reports import format_result
     from .resize import run_resize
     from .run import run_experiment
+    from .training import is_trained, run_training
 
     exp = load_config(args.config).experiment(args.experiment, args.overrides)
     if exp.job == "resize":
@@ -114,7 +115,7 @@ def cmd_run(args) -> int:
     if exp.job == "download":
         run_download(exp)
         return 0
-    metrics = run_experiment(exp)
+    metrics = run_training(exp) if is_trained(exp) else run_experiment(exp)
     print(format_result(metrics, exp.results_dir))
     return 0
 

@@ -16,12 +16,14 @@ import yaml
 
 from imagefeaturizer.backbones import BACKBONES, POOLINGS
 from imagefeaturizer.engines import ENGINE_CHOICES
+from imagefeaturizer.networks import SCRATCH_MODELS
 
 from .errors import ConfigError
 
 HANDLE_INVALID = ("error", "skip")
 NEAR_DUPLICATE_THRESHOLD = 0.995  # split.near_duplicate_threshold when not set
 JOBS = ("experiment", "resize", "download")
+TRAIN = ("probe", "finetune", "scratch")  # frozen backbone + LogisticRegression | fine-tune a backbone | SmallCNN
 
 
 class OpenMap(dict):
@@ -53,10 +55,28 @@ def _typed(kind, *, minimum=None, maximum=None, exclusive_max=False):
     return check
 
 
+def _list_of(rule):
+    def check(key, value):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list of values, e.g. [0.01, 0.1, 1.0], got {value!r}")
+        return [rule(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
 def _text(key, value):
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
     return value
+
+
+_CLASSIFIER = {  # Spark ML LogisticRegression
+    "regParam": _typed(float, minimum=0.0),
+    "elasticNetParam": _typed(float, minimum=0.0, maximum=1.0),
+    "maxIter": _typed(int, minimum=1),
+    "tol": _typed(float, minimum=0.0),
+    "standardization": _typed(bool),
+}
 
 
 def _group_pattern(key, value):
@@ -78,7 +98,7 @@ def _group_pattern(key, value):
 
 SCHEMA: dict[str, Any] = {
     "job": _choice(*JOBS),
-    "model": _choice(*BACKBONES),
+    "model": _choice(*BACKBONES, *SCRATCH_MODELS),
     "task": _text,  # checked against `tasks` once merged
     "weights": _text,
     "pooling": _choice(*POOLINGS),
@@ -106,12 +126,23 @@ SCHEMA: dict[str, Any] = {
         "download_sha256": _text,  # optional: the archive's expected SHA-256 (hex)
     },
     "classifier": {
-        "regParam": _typed(float, minimum=0.0),
-        "elasticNetParam": _typed(float, minimum=0.0, maximum=1.0),
-        "maxIter": _typed(int, minimum=1),
-        "tol": _typed(float, minimum=0.0),
-        "standardization": _typed(bool),
+        **_CLASSIFIER,
+        "grid": {k: _list_of(rule) for k, rule in _CLASSIFIER.items()},  # candidates: the tuned head
     },
+    "train": _choice(*TRAIN),
+    "training": {  # train: finetune | scratch
+        "epochs": _typed(int, minimum=1),
+        "batch_size": _typed(int, minimum=1),
+        "learning_rate": _typed(float, minimum=1e-12),
+        "finetune_learning_rate": _typed(float, minimum=1e-12),
+        "patience": _typed(int, minimum=1),
+        "validation_fraction": _typed(float, minimum=0.01, maximum=0.9),
+        "augment": _typed(bool),
+        "class_weights": _typed(bool),
+        "dropout": _typed(float, minimum=0.0, maximum=1.0, exclusive_max=True),
+        "image_size": _typed(int, minimum=0, maximum=4096),
+    },
+    "finetune": {"unfreeze": _typed(int, minimum=0)},
     "explain": {  # every run's class activation maps (xray.explain)
         "sample_per_class": _typed(int, minimum=0),
         "gallery_per_class": _typed(int, minimum=0),
@@ -312,7 +343,18 @@ class Config:
                     f"{self.path} [{name}]: unknown task {settings['task']!r}: expected one of {', '.join(self.tasks)}"
                 )
             classes = list(self.tasks[settings["task"]])
+            _check_model(f"{self.path} [{name}]", settings)
         return Experiment(name, settings, classes, os.path.dirname(os.path.abspath(self.path)))
+
+
+def _check_model(where: str, settings: dict) -> None:
+    """A backbone for ``train: probe|finetune``, a network of its own for ``train: scratch``."""
+    train, model = settings.get("train", "probe"), settings["model"]
+    if train == "scratch" and model not in SCRATCH_MODELS:
+        raise ConfigError(f"{where}: train: scratch needs model: {' | '.join(SCRATCH_MODELS)}, got {model!r}")
+    if train != "scratch" and model not in BACKBONES:
+        raise ConfigError(f"{where}: model {model!r} is trained from scratch: set train: scratch, or choose a "
+                          f"backbone ({', '.join(BACKBONES)})")
 
 
 def load_config(path: str = "config.yaml") -> Config:

@@ -84,13 +84,21 @@ def fit_head(train: DataFrame, settings: dict, n_classes: int
     shuffle partition of the feature join (about 2.5 times faster fits here; two partitions on
     two cores were slower than one).
     """
-    rows = train.select(LABEL, "features")
-    rows = rows.coalesce(max(1, -(-rows.count() // ROWS_PER_FIT_PARTITION)))  # never more than they have
+    rows = fit_rows(train.select(LABEL, "features"))
     indexer = StringIndexer(inputCol=LABEL, outputCol=LABEL_INDEX, stringOrderType="alphabetAsc")
     fitted = Pipeline(stages=[indexer, make_classifier(settings, n_classes)]).fit(rows)
     indexer_model, lr_model = fitted.stages
-    converter = IndexToString(inputCol="prediction", outputCol=PREDICTED, labels=indexer_model.labels)
-    return indexer_model, lr_model, converter
+    return indexer_model, lr_model, index_to_string(indexer_model)
+
+
+def fit_rows(rows: DataFrame) -> DataFrame:
+    """Training rows in as few partitions as their size allows (see :func:`fit_head`)."""
+    return rows.coalesce(max(1, -(-rows.count() // ROWS_PER_FIT_PARTITION)))  # never more than they have
+
+
+def index_to_string(indexer_model: StringIndexerModel) -> IndexToString:
+    """The last stage: the predicted index back to the class name."""
+    return IndexToString(inputCol="prediction", outputCol=PREDICTED, labels=indexer_model.labels)
 
 
 def assemble(head: tuple, featurizer: KerasImageFeaturizer) -> PipelineModel:
@@ -123,11 +131,7 @@ def cross_validate(train: DataFrame, settings: dict, classes: list[str], folds: 
     Fold ``f`` is validated by a head fitted on the other folds; the test split is never used.
     Returns the per-fold metrics and their mean, standard deviation (ddof=1), min and max.
     """
-    counts = {r[LABEL]: r["count"] for r in train.groupBy(LABEL).count().collect()}
-    short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < folds}
-    if short:
-        found = ", ".join(f"{c} has {n}" for c, n in short.items())
-        raise DataError(f"cv_folds={folds} needs at least {folds} training images per class ({found}): lower cv_folds")
+    check_fold_sizes(train, classes, folds)
     per_fold = [_fold(train, settings, classes, f) for f in range(folds)]
     return {
         "folds": folds,
@@ -139,6 +143,16 @@ def cross_validate(train: DataFrame, settings: dict, classes: list[str], folds: 
         "recall": {c: spread([p["recall"][c] for p in per_fold]) for c in classes},
         "per_fold": per_fold,
     }
+
+
+def check_fold_sizes(train: DataFrame, classes: list[str], folds: int, what: str | None = None) -> None:
+    """Every class needs at least one training image per fold, or a fold's fit lacks it."""
+    counts = {r[LABEL]: r["count"] for r in train.groupBy(LABEL).count().collect()}
+    short = {c: counts.get(c, 0) for c in classes if counts.get(c, 0) < folds}
+    if short:
+        found = ", ".join(f"{c} has {n}" for c, n in short.items())
+        raise DataError(f"{what or f'cv_folds={folds}'} needs at least {folds} training images per class ({found}): "
+                        f"lower cv_folds")
 
 
 def _fold(train: DataFrame, settings: dict, classes: list[str], f: int) -> dict:

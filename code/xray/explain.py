@@ -32,6 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from imagefeaturizer.cam import BORDER, CamUnavailableError, border_share, class_activation_maps, head_of, peak_location, upsample
+from imagefeaturizer.classifier import KerasImageClassifier
 
 from .atomic import atomic_file
 from .charts import cam_gallery_chart, cam_png, heat_overlay
@@ -87,6 +88,10 @@ def run_explain(config: Config, target: str, images_path: str, output: str | Non
 
 
 def _check_explainable(saved: SavedModel, class_name: str | None) -> None:
+    if any(isinstance(s, KerasImageClassifier) for s in saved.model.stages):
+        raise DataError(f"cannot explain with {saved.model_dir}: it holds a trained network (train: finetune or "
+                        f"scratch), and class activation maps are made for linear probes only (train: probe): "
+                        f"explain a linear probe's model, e.g. results/<Backbone>_<task>_classification")
     try:
         head_of(saved.model)
     except CamUnavailableError as exc:

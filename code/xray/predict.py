@@ -39,6 +39,7 @@ from .resize import normalize_image
 from .session import spark_session
 
 PREDICTIONS = "predictions.csv"
+IMAGE_STAGES = ("KerasImageFeaturizer", "KerasImageClassifier")  # a linear probe's, a trained network's
 
 
 def _normalize_udf(size: int, mode: str, max_pixels: int):
@@ -128,8 +129,8 @@ def load_model(model_dir: str):
     except Exception as exc:  # noqa: BLE001 - any load failure is a damaged or foreign folder
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise DataError(f"cannot load the saved model in {model_dir}: {first.strip()[:200]}") from None
-    if not any(type(s).__name__ == "KerasImageFeaturizer" for s in model.stages):
-        raise DataError(f"{model_dir} holds no KerasImageFeaturizer stage: not a model saved by ./wrapper.sh run")
+    if not any(type(s).__name__ in IMAGE_STAGES for s in model.stages):
+        raise DataError(f"{model_dir} holds no {' or '.join(IMAGE_STAGES)} stage: not a model saved by ./wrapper.sh run")
     return model
 
 

@@ -23,6 +23,7 @@ from .evaluation import auc
 CONFUSION_MATRIX, ROC, LEARNING_CURVE, CONFIG = "confusion_matrix.png", "roc.png", "learning_curve.png", "config.json"
 SPLIT_CSV, NEAR_DUPLICATES_CSV = "split.csv", "near_duplicates.csv"
 SUMMARY_MD, SUMMARY_CSV, SUMMARY_CHART = "summary.md", "summary.csv", "summary.png"
+PROBES = ("linear probe", "tuned probe")  # methods that featurize (the others train a network)
 
 
 # --------------------------------------------------------------------------- one experiment
@@ -46,11 +47,13 @@ def _csv_text(columns: list[str], rows) -> str:
     return buf.getvalue()
 
 
-def write_split_csv(folder: str, rows) -> str:
-    """``split.csv`` in ``folder``: path, class, group, side (train/test) and cross-validation fold
-    (-1 on test rows) of every image (:class:`xray.split.SplitRow`); returns the file name."""
+def write_split_csv(folder: str, rows, validation: frozenset[str] = frozenset()) -> str:
+    """``split.csv`` in ``folder``: path, class, group, side (train/test; ``validation`` for the
+    training rows of a trained network that only validate) and cross-validation fold (-1 on test
+    rows) of every image (:class:`xray.split.SplitRow`); returns the file name."""
     write_text_atomic(os.path.join(folder, SPLIT_CSV), _csv_text(
-        ["path", "class", "group", "side", "fold"], ((r.path, r.label, r.group, r.side, r.fold) for r in rows)))
+        ["path", "class", "group", "side", "fold"],
+        ((r.path, r.label, r.group, "validation" if r.path in validation else r.side, r.fold) for r in rows)))
     return SPLIT_CSV
 
 
@@ -68,33 +71,58 @@ def format_result(m: dict, results_dir: str) -> str:
     lines = [
         f"{m['experiment']}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_test']} test images"
         f" ({m['n_train']} train), weights={m['weights']}"
-        + ("" if m["transfer_learning"] else " [random weights: NOT transfer learning]"),
+        + ("" if m["transfer_learning"] else " [trained from scratch: NOT transfer learning]"
+           if m.get("method") == "scratch" else " [random weights: NOT transfer learning]"),
     ]
     for cls, v in m["per_class"].items():
         lines.append(f"  recall {cls}: {v['recall']:.3f} (precision {v['precision']:.3f}, support {v['support']})")
     rate = m.get("images_per_second")
-    lines.append(
-        f"  featurization: {m['images_featurized']} images in {m['featurization_seconds']:.1f} s"
-        + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
-        + f"; {m['images_from_cache']} from cache"
-    )
+    if m.get("training"):
+        lines.append(training_line(m))
+    else:
+        lines.append(
+            f"  featurization: {m['images_featurized']} images in {m['featurization_seconds']:.1f} s"
+            + (f", {rate:.1f} images/s ({m['images_per_second_source']})" if rate else "")
+            + f"; {m['images_from_cache']} from cache"
+        )
+    if m.get("tuning"):
+        t = m["tuning"]
+        lines.append(f"  tuned head: chose {t['chosen']} by {t['metric']} (mean {t['chosen_mean']:.4f} ± "
+                     f"{t['chosen_std']:.4f}) of {len(t['candidates'])} candidates x {t['folds']} folds in "
+                     f"{t['seconds']:.1f} s")
     cv = m.get("cross_validation")
     if cv:
         acc = cv["accuracy"]
         lines.append(f"  cross-validation ({cv['folds']} folds of the training split): accuracy {acc['mean']:.3f}"
                      f" ± {acc['std']:.3f} (min {acc['min']:.3f}, max {acc['max']:.3f})")
-    lines += _explanation_lines(m.get("explanations") or {})
-    split, near = m.get("split") or {}, m.get("near_duplicates")
-    if "groups" in split:
-        how = "by split.group_pattern" if split.get("group_pattern") else "one per image"
-        lines.append(f"  split: {split['groups']} groups ({how}), {split['groups_train']} train, {split['groups_test']} "
-                     f"test; {split['mixed_class_groups']} with more than one class")
-    if near is not None:
-        lines.append(f"  near-duplicate train-test pairs (standardised-feature cosine >= {near['threshold']}): {near['pairs']}")
+    lines += _explanation_lines(m.get("explanations") or {}) + _split_lines(m)
     lines.append(f"  results: {os.path.join(results_dir, 'metrics.json')}, model: {os.path.join(results_dir, 'model')}")
     if m.get("reports"):
         lines.append(f"  charts: {', '.join(os.path.join(results_dir, f) for f in m['reports'].values() if f.endswith('.png'))}")
     return "\n".join(lines)
+
+
+def _split_lines(m: dict) -> list[str]:
+    """The split's groups and the near-duplicate train-test pairs (n/a for a trained network)."""
+    split, near, lines = m.get("split") or {}, m.get("near_duplicates"), []
+    if "groups" in split:
+        how = "by split.group_pattern" if split.get("group_pattern") else "one per image"
+        lines.append(f"  split: {split['groups']} groups ({how}), {split['groups_train']} train, {split['groups_test']} "
+                     f"test; {split['mixed_class_groups']} with more than one class")
+    if near is not None and near.get("pairs") is None:
+        lines.append(f"  near-duplicate train-test pairs: n/a ({near['reason']})")
+    elif near is not None:
+        lines.append(f"  near-duplicate train-test pairs (standardised-feature cosine >= {near['threshold']}): {near['pairs']}")
+    return lines
+
+
+def training_line(m: dict) -> str:
+    """The line of a trained network: what was trained, the chosen epoch, the speed."""
+    t = m["training"]
+    chosen = next(e for e in t["epochs"] if e["epoch"] == t["chosen_epoch"])
+    return (f"  training ({m['method']}): {t['n_fit']} images, {len(t['epochs'])} epoch(s) in {len(t['stages'])} "
+            f"stage(s), chosen epoch {t['chosen_epoch']} (validation loss {chosen['val_loss']:.4f}, accuracy "
+            f"{chosen['val_accuracy']:.3f} on {t['n_validation']} images), {t['images_per_second']} images/s")
 
 
 def _explanation_lines(e: dict) -> list[str]:
@@ -121,6 +149,7 @@ def summary_row(name: str, m: dict) -> dict[str, Any]:
         "experiment": name,
         "model": m["model"],
         "task": m["task"],
+        "method": m.get("method", "linear probe"),
         "status": "ok",
         "accuracy": m["accuracy"],
         "ci95_low": m["accuracy_ci95"][0],
@@ -167,7 +196,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def summary_csv(rows: list[dict]) -> str:
     """A row per experiment; recall columns for the union of the classes."""
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
-    columns = ["experiment", "model", "task", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
+    columns = ["experiment", "model", "task", "method", "status", "accuracy", "ci95_low", "ci95_high", "balanced_accuracy",
                *(f"recall_{c}" for c in classes), "auc", "majority_baseline", "cv_folds", "cv_accuracy_mean",
                "cv_accuracy_std", "n_train", "n_test", "group_pattern", "groups", "near_duplicates", "weights",
                "featurization_seconds", "images_featurized", "images_from_cache", "images_per_second",
@@ -186,28 +215,34 @@ def summary_csv(rows: list[dict]) -> str:
 def summary_markdown(rows: list[dict]) -> str:
     """The human summary: one table row per experiment, then failures and notes."""
     classes = list(dict.fromkeys(c for r in rows for c in r.get("recall", {})))
-    head = ["experiment", "model", "task", "accuracy (95% CI)", *(f"recall {c}" for c in classes), "AUC",
+    head = ["experiment", "model", "task", "method", "accuracy (95% CI)", *(f"recall {c}" for c in classes), "AUC",
             "cv accuracy", "test n", "groups", "near-dups", "featurization s", "images/s",
             *(f"border share {c}" for c in classes)]
     lines = ["# Sweep summary", "",
              "Test accuracy with its 95% Wilson interval on the held-out split; AUC is binary (positive class: the "
              "first class of the task) or the macro mean of one-vs-rest AUCs; cv accuracy is mean ± std over the "
              "folds of the training split when cv_folds > 1; groups: the split's groups (each on one side); near-dups: "
-             "train-test pairs of near-duplicate images. Border share: of each class's class activation map, "
-             "the share of positive mass in the outer 15% of the image (mean over a sample of test images of the "
-             "class; evenly spread evidence gives 0.51; high values point to a shortcut at the image border).", "",
+             "train-test pairs of near-duplicate images (n/a: a trained network has no features to compare). Method: "
+             "linear probe (frozen backbone + LogisticRegression), tuned probe (its settings chosen by "
+             "cross-validation on the training split), fine-tune (the backbone trained with a new head), scratch "
+             "(SmallCNN); trained networks featurize nothing (their training speed is in metrics.json). Border "
+             "share: of each class's class activation map, the share of positive mass in the outer 15% of the image "
+             "(mean over a sample of test images of the class; evenly spread evidence gives 0.51; high values point "
+             "to a shortcut at the image border; linear probes only).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
-            cells = [r["experiment"], _fmt(r["model"]), _fmt(r["task"]), r["status"].upper()] + [""] * (len(head) - 4)
+            cells = [r["experiment"], _fmt(r["model"]), _fmt(r["task"]), _fmt(r.get("method")),
+                     r["status"].upper()] + [""] * (len(head) - 5)
         else:
             cv = (f"{r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f} ({r['cv_folds']} folds)"
                   if r.get("cv_accuracy_mean") is not None else "")
             rate = r.get("images_per_second")
-            cells = [r["experiment"], r["model"], r["task"],
+            cells = [r["experiment"], r["model"], r["task"], _fmt(r.get("method")),
                      f"{r['accuracy']:.3f} ({r['ci95_low']:.3f}-{r['ci95_high']:.3f})",
                      *(_fmt(r["recall"].get(c)) for c in classes), _fmt(r["auc"]), cv, str(r["n_test"]),
-                     _groups_cell(r), _fmt(r.get("near_duplicates")), f"{r['featurization_seconds']:.1f}",
+                     _groups_cell(r), _near_cell(r),
+                     f"{r['featurization_seconds']:.1f}" if r.get("method") in PROBES else "",
                      f"{rate:.1f}" + (" (cached)" if r["images_per_second_source"] == "cache" else "") if rate else "",
                      *(_fmt((r.get("border_share") or {}).get(c), 2) for c in classes)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -229,6 +264,13 @@ def summary_markdown(rows: list[dict]) -> str:
     lines += ["", "Per experiment: results/<experiment>/metrics.json, confusion_matrix.png, roc.png, "
               "learning_curve.png, cam_gallery.png, config.json, split.csv, near_duplicates.csv; chart of this table: summary.png.", ""]
     return "\n".join(lines)
+
+
+def _near_cell(r: dict) -> str:
+    """Near-duplicate pairs, or n/a for a trained network (no features to compare)."""
+    if r.get("method") not in PROBES:
+        return "n/a"
+    return _fmt(r.get("near_duplicates"))
 
 
 def _groups_cell(r: dict) -> str:

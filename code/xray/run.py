@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 
-from . import experiment, reports, tracking
+from . import experiment, reports, tracking, tuning
 from .atomic import StagedFolder, write_json_atomic
 from .config import Experiment
 from .data import describe_ignored, list_dataset, load_images
@@ -106,7 +106,7 @@ def prepare_features(exp: Experiment, log=print, also_classes: list[str] | tuple
     """
     started = time.perf_counter()
     phases = Phases()
-    _check_before_spark(exp, log)
+    check_before_spark(exp, log)
     phases.mark("checks")
     staging = StagedFolder(exp.results_dir)
     try:
@@ -151,7 +151,7 @@ def _featurize(spark, images, featurizer, exp: Experiment, log, keep) -> tuple:
     return feats, fstats
 
 
-def _check_before_spark(exp: Experiment, log) -> None:
+def check_before_spark(exp: Experiment, log) -> None:
     """Data there (fetched when missing), the task's class folders, the weights: no Spark yet."""
     if not os.path.isdir(exp.raw_dir):  # no raw data yet: fetch the public data set
         log(f"data folder {exp.raw_dir} not found: fetching the public data set into it")
@@ -164,8 +164,10 @@ def _check_before_spark(exp: Experiment, log) -> None:
     if ignored:
         log(ignored)
     _check_class_sizes(exp, {c: (len(files), 0) for c, files in listing.files.items()})
-    backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     tracking.check_store(exp)  # tracking on and the MLflow store unreachable: one line, no Spark yet
+    if exp.model not in backbones.BACKBONES:
+        return  # a network trained from scratch: no weights
+    backbones.resolve_weights(exp.model, exp.weights)  # offline ImageNet fails here, in one line
     if exp["weights"] == backbones.RANDOM:
         log("NOTE: weights=random: features come from an untrained network; this is NOT transfer learning")
 
@@ -173,15 +175,22 @@ def _check_before_spark(exp: Experiment, log) -> None:
 def _check_class_sizes(exp: Experiment, sizes: dict[str, tuple[int, int]]) -> None:
     """Each class has enough images for the split (and the folds), before any work on them:
     ``sizes`` is class -> (usable images, invalid ones left out)."""
-    tf, folds = exp["test_fraction"], exp["cv_folds"]
+    tf, folds = exp["test_fraction"], split_folds(exp)
     need = min_class_size(tf, folds)
     for cls, (n, invalid) in sizes.items():
         if n < need:
             usable = f" usable ({invalid} invalid left out)" if invalid else ""
-            train = f"{folds} for training (cv_folds={folds})" if folds > 1 else "one for training"
+            why = f"cv_folds={folds}" if exp["cv_folds"] == folds else f"the {folds} folds of classifier.grid"
+            train = f"{folds} for training ({why})" if folds > 1 else "one for training"
             raise DataError(
                 f"class {cls} needs at least {need} images, {os.path.join(exp.raw_dir, cls)} has {n}{usable}: "
                 f"the test split takes at least one (test_fraction={tf}) and {train}; add images to it")
+
+
+def split_folds(exp: Experiment) -> int:
+    """The folds the split deals: a probe's ``cv_folds``, or its ``classifier.grid``'s folds; none
+    for a trained network (``train: finetune|scratch`` carves a validation split instead)."""
+    return tuning.fold_count(exp.settings) if exp.settings.get("train", "probe") == "probe" else 0
 
 
 def _extra_classes(exp: Experiment, also_classes) -> list[str]:
@@ -214,7 +223,7 @@ def _fit_and_write(p: Prepared, log) -> tuple[dict, PipelineModel]:
     exp, fstats, phases = p.exp, p.fstats, p.phases
     phases.mark("waiting")  # from featurization's end to here: a sweep's queue of fits, else ~0
     classes = sorted(exp.classes)
-    rows, split_info = _assign_split(exp, fstats.keys, classes, log)
+    rows, split_info = assign_experiment_split(exp, fstats.keys, classes, log)
     split = join_split(p.feats, rows).cache()
     train, test = split.filter(~F.col("is_test")), split.filter(F.col("is_test"))
     sizes = _split_sizes(split)
@@ -223,17 +232,18 @@ def _fit_and_write(p: Prepared, log) -> tuple[dict, PipelineModel]:
     phases.mark("split")
     near = _near_duplicates(exp, split, log)
     phases.mark("near_duplicates")
-    head = experiment.fit_head(train, exp.settings, len(classes))
+    head, tuned = tuning.fit_head(train, exp.settings, classes, log)  # a grid: CrossValidator, then the refit
     phases.mark("fit")
     if list(head[0].labels) != classes:
         raise DataError(f"training split lacks a class: has {head[0].labels}, task needs {classes}")
     metrics, pred = experiment.evaluate(head, test, classes)
     phases.mark("evaluate")
-    cv = _cross_validation(exp, train, rows, classes, log, phases)
+    cv = _cross_validation(exp, train, rows, classes, log, phases, tuning.chosen_settings(exp.settings, tuned))
     model = experiment.assemble(head, p.featurizer)
     experiment.save_model_atomic(model, os.path.join(p.out_dir, "model"))
     phases.mark("save_model")
     result = _result(p, classes, metrics, sizes, head[1], cv, split_info, near)
+    result.update(method=tuning.method(exp.settings), **({"tuning": tuned} if tuned else {}))
     result["reports"] = {**reports.write_experiment_reports(p.out_dir, result, pred["y_true"], pred["probability"]),
                          **_write_split_reports(p.out_dir, rows, near)}
     phases.mark("reports")
@@ -249,9 +259,10 @@ def _fit_and_write(p: Prepared, log) -> tuple[dict, PipelineModel]:
     return result, model
 
 
-def _assign_split(exp: Experiment, keys, classes: list[str], log) -> tuple[list[SplitRow], dict]:
-    """The split of the experiment's images (pure Python on the driver) and what metrics.json says of it."""
-    rows = assign_split(keys, exp["seed"], exp["test_fraction"], exp["cv_folds"], exp.group_pattern)
+def assign_experiment_split(exp: Experiment, keys, classes: list[str], log) -> tuple[list[SplitRow], dict]:
+    """The grouped split of the experiment's images (pure Python on the driver, :func:`split_folds`
+    folds) and what metrics.json says of it; a split with no test image is a DataError."""
+    rows = assign_split(keys, exp["seed"], exp["test_fraction"], split_folds(exp), exp.group_pattern)
     info = split_summary(rows, classes, exp.group_pattern)
     log(describe_split(info))
     if not any(r.is_test for r in rows):
@@ -261,6 +272,9 @@ def _assign_split(exp: Experiment, keys, classes: list[str], log) -> tuple[list[
     if empty:
         log(f"warning: no test image of {', '.join(empty)}: their groups are too large for test_fraction "
             f"{exp['test_fraction']}; their test metrics are empty")
+    if tuning.grid_of(exp.settings):  # the tuned head's CrossValidator validates on these folds
+        _check_fold_gaps(rows, split_folds(exp), f"classifier.grid over {split_folds(exp)} folds",
+                         "lower cv_folds (the grid's folds when > 1, else 3) or remove classifier.grid")
     return rows, info
 
 
@@ -283,20 +297,27 @@ def _split_sizes(split: DataFrame) -> dict[str, int]:
     return {"n_train": sizes.get(False, 0), "n_test": sizes.get(True, 0)}
 
 
-def _cross_validation(exp: Experiment, train: DataFrame, rows: list[SplitRow], classes: list[str], log,
-                      phases: Phases) -> dict | None:
-    folds = exp["cv_folds"]
-    if folds <= 1:
-        return None
+def _check_fold_gaps(rows: list[SplitRow], folds: int, what: str, fix: str = "lower cv_folds") -> None:
+    """Every fold's training part (the other folds) holds every class."""
     gaps = fold_gaps(rows, folds)
     if gaps:
         f, missing = next(iter(gaps.items()))
-        raise DataError(f"cv_folds={folds}: fold {f} would be validated by a model trained without "
+        raise DataError(f"{what}: fold {f} would be validated by a model trained without "
                         f"{', '.join(missing)}: the groups of split.group_pattern are too few or too large "
-                        f"for {folds} folds: lower cv_folds")
+                        f"for {folds} folds: {fix}")
+
+
+def _cross_validation(exp: Experiment, train: DataFrame, rows: list[SplitRow], classes: list[str], log,
+                      phases: Phases, settings: dict | None = None) -> dict | None:
+    """``cv_folds`` > 1: the head (with ``settings``, e.g. the tuned head's choice; default the
+    experiment's) cross-validated over the training split's group folds."""
+    folds = exp["cv_folds"]
+    if folds <= 1:
+        return None
+    _check_fold_gaps(rows, folds, f"cv_folds={folds}")
     kind = "group folds" if exp.group_pattern else "folds"
     log(f"cross-validation: {folds} stratified {kind} of the training split")
-    cv = {**experiment.cross_validate(train, exp.settings, classes, folds), "grouped": bool(exp.group_pattern)}
+    cv = {**experiment.cross_validate(train, settings or exp.settings, classes, folds), "grouped": bool(exp.group_pattern)}
     acc = cv["accuracy"]
     log(f"cross-validation accuracy: mean {acc['mean']:.3f}, std {acc['std']:.3f} over {cv['folds']} folds")
     phases.mark("cross_validation")

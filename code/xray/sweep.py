@@ -5,8 +5,9 @@ and its SparkSession: featurization one experiment after the other, in config or
 once per backbone; the fits and reports of up to :data:`HEAD_THREADS` experiments alongside. A
 failing experiment is recorded with a one-line reason and the others still run. After each
 experiment ``results/summary.md``, ``results/summary.csv`` and ``results/summary.png`` are
-rewritten (atomically), so an interrupted sweep keeps what it finished. Exit code 0 when every
-experiment succeeded, 1 otherwise.
+rewritten (atomically), so an interrupted sweep keeps what it finished. Experiments that train a
+network (``train: finetune|scratch``) featurize nothing: each trains in its turn, on this thread.
+Exit code 0 when every experiment succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import Config, ConfigError, parse_set
 from .errors import LOG_FOLDER, one_line, user_message
 from .run import fit_and_report, prepare_features
 from .session import interrupted
+from .training import is_trained, run_training
 
 ERROR_LOG = "{experiment}-error.log"  # in results/logs/: the traceback of an unexpected failure
 DEFAULT_PATTERN = "*_classification"
@@ -67,7 +69,7 @@ def _later_classes(config: Config, names: list[str], overrides: list[str]) -> li
     for name in names:
         try:
             exp = config.experiment(name, overrides)
-            keys.append((_feature_key(exp), list(exp.classes)))
+            keys.append((None if is_trained(exp) else _feature_key(exp), list(exp.classes)))
         except Exception:  # noqa: BLE001 - a broken entry fails on its own turn, with its message
             keys.append((None, []))
     return [sorted({c for key, classes in keys[i + 1:] if key == keys[i][0] and key is not None for c in classes})
@@ -114,7 +116,11 @@ def _run_all(config: Config, names: list[str], overrides: list[str], board: "_Bo
             for i, name in enumerate(names):
                 log(f"[{i + 1}/{len(names)}] {name}")
                 try:
-                    prepared = prepare_features(config.experiment(name, overrides), log=log, also_classes=later[i])
+                    exp = config.experiment(name, overrides)
+                    if is_trained(exp):  # trains on every core, in this thread; fits queued so far go on
+                        board.succeeded(i, run_training(exp, log=log), exp.results_dir)
+                        continue
+                    prepared = prepare_features(exp, log=log, also_classes=later[i])
                 except Exception as exc:  # noqa: BLE001 - one failure must not lose the other experiments
                     if interrupted():
                         raise  # Ctrl-C: this error is the interruption's, not the experiment's
