@@ -215,13 +215,18 @@ def _segments(layers: list) -> list[list]:
 
 
 def set_trainable_units(backbone, model_name: str, unfreeze: int) -> list[str]:
-    """Make the top ``unfreeze`` units of ``backbone`` trainable, the rest frozen; their names."""
+    """Make the top ``unfreeze`` units of ``backbone`` trainable (but their batch-norm layers),
+    the rest frozen; their names."""
     units = backbone_units(backbone, model_name)
     if not 0 <= unfreeze <= len(units):
         raise ValueError(f"unfreeze={unfreeze}: {model_name} has {len(units)} units (0..{len(units)})")
     top = units[len(units) - unfreeze:] if unfreeze else []
     chosen = {id(layer) for _, layers in top for layer in layers}
+    batch_norm = _keras().layers.BatchNormalization
     backbone.trainable = bool(unfreeze)
     for layer in backbone.layers:
-        layer.trainable = id(layer) in chosen
+        # Batch norm stays frozen: a frozen BatchNormalization layer runs in inference mode (its
+        # moving statistics kept); an unfrozen one would update them in training, whatever
+        # ``training=False`` the backbone was called with when the network was built.
+        layer.trainable = id(layer) in chosen and not isinstance(layer, batch_norm)
     return [name for name, _ in top]
