@@ -92,7 +92,7 @@ def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_se
     raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
     out, report_path = tmp_path / "out", tmp_path / "sweep.json"
     sets = ["dataset.image_size=64", "classifier.maxIter=5", "test_fraction=0.34", "batch_size=8"]
-    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", raw, "--pattern", "ResNet50_binary*", "--scale", "2",
+    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", raw, "--pattern", "ResNet50_binary_classification", "--scale", "2",
                            "--out", str(out), "--json", str(report_path), *sum((["--set", s] for s in sets), [])],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
