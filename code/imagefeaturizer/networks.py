@@ -9,8 +9,9 @@ returns class probabilities (softmax). In order:
    in training; evaluation and prediction see the image as it is.
 2. the fine-tuned backbone: :class:`BackbonePreprocess` (the backbone's own Keras
    ``preprocess_input``), the backbone without its top exactly as Keras defines it (weights as for
-   the featurizer: ImageNet, seeded random or a file), called with ``training=False`` so its
-   batch-norm layers stay in inference mode even when unfrozen; global pooling; layer
+   the featurizer: ImageNet, seeded random or a file), called with ``training=False``; its
+   batch-norm layers stay frozen, so in inference mode, also in unfrozen blocks
+   (:func:`set_trainable_units`); global pooling; layer
    normalization of the pooled features (their scale differs by backbone and is huge for random
    weights; no moving statistics, so training and inference agree from the first step); dropout;
    a dense softmax head.
@@ -145,7 +146,7 @@ def build_network(spec: NetworkSpec):
     backbone = backbones.build_model(spec.model_name, spec.weights_path, pooling=None, input_size=spec.image_size)
     keras.utils.set_random_seed(spec.seed)  # the head's initial weights and dropout masks
     x = preprocess_layer_class()(spec.model_name, name="preprocess_input")(x)
-    x = backbone(x, training=False)  # batch norm in inference mode, also once unfrozen
+    x = backbone(x, training=False)  # not enough in Keras 3 once unfrozen: set_trainable_units keeps batch norm frozen
     pool = keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name="pool")(x)
     x = keras.layers.LayerNormalization(name="head_norm")(x)  # feature scales of any backbone, no moving stats

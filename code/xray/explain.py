@@ -129,7 +129,8 @@ def explain_images(saved: SavedModel, names: dict[str, str], out_dir: str, class
     number of them; while one chunk's files are written (by :data:`WRITERS` threads), Spark
     already computes the next chunk's maps."""
     found, errors, details = {}, {}, {}
-    chunks = [saved.paths[i:i + chunk_size(len(saved.paths))] for i in range(0, len(saved.paths), chunk_size(len(saved.paths)))]
+    size = chunk_size(len(saved.paths))
+    chunks = [saved.paths[i:i + size] for i in range(0, len(saved.paths), size)]
     done = 0
     with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="cam-writer") as writers:
         for rows, bad in _prefetched(lambda paths: _maps_chunk(saved, paths), chunks):
@@ -169,8 +170,10 @@ def _maps_chunk(saved: SavedModel, paths: list[str]) -> tuple[list, dict[str, st
 def _prefetched(compute: Callable, items: list) -> Iterator:
     """``compute(item)`` for each item in order, the next one computed (in a thread) while the
     caller works on the current one's result."""
+    if not items:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam-chunks") as ahead:
-        future = ahead.submit(compute, items[0]) if items else None
+        future = ahead.submit(compute, items[0])
         for following in [*items[1:], None]:
             result = future.result()
             future = ahead.submit(compute, following) if following is not None else None
