@@ -192,3 +192,17 @@ def test_load_images_reads_every_file_it_is_given_whatever_its_name(spark, tmp_p
     (expected,) = spark.read.format("binaryFile").load(str(tmp_path / "plain")).select("path").collect()
     (got,) = data.load_images(spark, [(str(tmp_path / "plain" / "a.png"), None)]).select("path").collect()
     assert got.path == expected.path
+
+
+@pytest.mark.parametrize("files, cores, tasks", [
+    (96, 2, 4),     # 3 tasks of 32 would leave one core idle through the last one
+    (1012, 2, 32),  # 32 files a task already gives an even count
+    (1012, 16, 32),
+    (100, 16, 16),
+    (5, 2, 2),      # at least one task a core
+    (3, 4, 3),      # never more tasks than files
+    (1, 2, 1),
+    (0, 2, 1),
+])
+def test_images_load_in_a_multiple_of_the_cores_tasks(files, cores, tasks):
+    assert data.load_tasks(files, cores) == tasks

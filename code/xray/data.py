@@ -172,9 +172,16 @@ def load_images(spark: SparkSession, files: list[tuple[str, str | None]]) -> Dat
     mode, or storage every node mounts at the same place).
     """
     rows = [(file_uri(path), label) for path, label in files]
-    tasks = max(1, min(len(rows), max(default_parallelism(spark), -(-len(rows) // FILES_PER_TASK))))
+    tasks = load_tasks(len(rows), default_parallelism(spark))
     listed = spark.createDataFrame(rows, "path string, label string").repartition(tasks)  # no RDD: Spark Connect too
     return listed.mapInPandas(_read_files, schema=_IMAGE_COLUMNS)
+
+
+def load_tasks(files: int, cores: int) -> int:
+    """Tasks for ``files`` images: about FILES_PER_TASK each, at least one a core, and a multiple of
+    ``cores`` so that no core idles through a last lone task (96 images on 2 cores: 4, not 3)."""
+    wanted = max(cores, -(-files // FILES_PER_TASK))
+    return max(1, min(files, -(-wanted // cores) * cores))
 
 
 def _read_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
