@@ -312,5 +312,6 @@ def training_record(spec: TrainSpec, p: Plan, sizes: dict, history: dict, classe
         "parameters": history.get("parameters"),
         "trainable_parameters": history.get("trainable_parameters"),
         "cache_seconds": history.get("cache_seconds"),
+        "training_process_peak_rss_mib": history.get("peak_rss_mib"),  # streams from disk: not the data set's size
         "cached_images": history.get("counts"),
     }
