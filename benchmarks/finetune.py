@@ -195,7 +195,7 @@ def side_keras(spec: TrainSpec, rows: list[dict]) -> dict[str, Any]:
             "training_peak_rss_mib": _self_peak_mib()}
 
 
-def child_main(args: argparse.Namespace) -> int:
+def child_main(args: argparse.Namespace) -> None:
     with open(args.rows_file, encoding="utf-8") as f:
         job = json.load(f)
     spec, rows = TrainSpec.from_json(job["spec"]), job["rows"]
@@ -209,7 +209,6 @@ def child_main(args: argparse.Namespace) -> int:
         result = side_keras(spec, rows)
     with open(args.result_file, "w", encoding="utf-8") as f:
         json.dump(result, f)
-    return 0
 
 
 # --------------------------------------------------------------------------- the parent
@@ -376,24 +375,22 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                   "finetune_learning_rate", "augment", "weights", "seed", "rounds", "memory", "master", "conf")},
                   "validation": f"every {VALIDATE_EVERY}th image of each class"},
               "result": result}
+    print()
+    print_tables(report)
     if args.json:
         write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark, or (``--child``) one side's run; exit 2 with one line on a user error."""
     try:
         args = parse_args(argv)
-        if args.child:
-            return child_main(args)
-        report = benchmark(args)
+        (child_main if args.child else benchmark)(args)
     except (BenchmarkError, backbones.WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print()
-    print_tables(report)
-    if args.json:
-        print(f"wrote {args.json}")
     return 0
 
 
