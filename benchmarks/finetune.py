@@ -121,6 +121,10 @@ def marked(images: list[tuple[str, str]]) -> list[dict]:
     for path, cls in images:
         seen[cls] = seen.get(cls, 0) + 1
         rows.append({"path": path, "label": classes.index(cls), "validation": seen[cls] % VALIDATE_EVERY == 0})
+    short = [cls for cls in classes if seen[cls] < VALIDATE_EVERY]
+    if short:
+        raise BenchmarkError(f"class(es) {', '.join(short)} have fewer than {VALIDATE_EVERY} of the {len(images)} "
+                             f"images (every {VALIDATE_EVERY}th validates): raise --images")
     return rows
 
 

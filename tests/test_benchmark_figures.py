@@ -210,3 +210,12 @@ def test_finetune_alternates_the_sides_and_summarises_rounds_and_memory(monkeypa
                                          "1.75", "/", "2.00", "/", "2.25"]
     assert "steady 0.73 (target >= 0.9: NOT met), all epochs 0.73, cold 0.73" in out
     assert _cells(out, "keras")[1] == ["keras", "10", "/", "20", "905", "/", "1500", "1.66"]
+
+
+def test_finetune_validates_every_fifth_image_of_each_class_and_needs_one_a_class():
+    images = [(f"{cls}{i}.png", cls) for i in range(10) for cls in ("b", "a")]
+    rows = finetune.marked(images)
+    assert [r["path"] for r in rows if r["validation"]] == ["b4.png", "a4.png", "b9.png", "a9.png"]
+    assert {r["label"] for r in rows if r["path"].startswith("a")} == {0}  # classes indexed in sorted order
+    with pytest.raises(finetune.BenchmarkError, match=r"class\(es\) c have fewer than 5 of the 24 images"):
+        finetune.marked(images + [(f"c{i}.png", "c") for i in range(4)])
