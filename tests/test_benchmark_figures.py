@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import engines  # noqa: E402
 import explain  # noqa: E402
 import featurize  # noqa: E402
+import finetune  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -159,3 +160,62 @@ def test_sweep_report_prints_the_json_figures_and_the_verdicts(capsys):
     out = capsys.readouterr().out
     assert "sweep: 30.0 s (of which featurization 20.0 s); no single passes (--no-passes)" in out
     assert "memory: n/a" in out
+
+
+# --------------------------------------------------------------------------- finetune.py
+
+
+def _epochs(first_s: float, then_s: float, stages: int = 1, per_stage: int = 3) -> list[dict]:
+    """Epoch rows as the trainer's recorder writes them: each stage's first epoch ``first_s`` seconds."""
+    return [{"epoch": s * per_stage + k + 1, "stage": s + 1, "train_seconds": first_s if k == 0 else then_s}
+            for s in range(stages) for k in range(per_stage)]
+
+
+def test_finetune_figures_leave_out_each_stages_first_epoch_and_time_cold_from_the_spawn():
+    run = {"epochs": _epochs(10.0, 2.0, stages=2), "n_fit": 40, "trained_at": 1060.0}
+    figures = finetune.run_figures(run, spawned=1000.0)
+    assert figures["steady_images_per_s"] == pytest.approx(40 * 4 / 8.0)  # epochs 2, 3, 5, 6: 2 s each
+    assert figures["all_epochs_images_per_s"] == pytest.approx(40 * 6 / 28.0)
+    assert (figures["cold_seconds"], figures["cold_images_per_s"]) == (60.0, pytest.approx(40 * 6 / 60.0))
+    one_epoch = finetune.run_figures({**run, "epochs": _epochs(10.0, 2.0, per_stage=1)}, spawned=1000.0)
+    assert one_epoch["steady_images_per_s"] is None and one_epoch["all_epochs_images_per_s"] == 4.0
+
+
+def test_finetune_alternates_the_sides_and_summarises_rounds_and_memory(monkeypatch, capsys):
+    calls = []
+    steady = {"project": iter([9.0, 7.0, 8.0, 1.0]), "keras": iter([10.0, 12.0, 11.0, 1.0])}
+    peaks = {"project": iter([700.0, 720.0, 710.0, 712.0]), "keras": iter([900.0, 905.0, 910.0, 1500.0])}
+
+    def run_side(args, side, spec, rows):
+        calls.append((side, len(rows)))
+        rate = next(steady[side])
+        return {"steady_images_per_s": rate, "all_epochs_images_per_s": rate / 2, "cold_images_per_s": rate / 4,
+                "training_peak_rss_mib": next(peaks[side]), "n_fit": len(rows) - 2, "n_validation": 2,
+                "load_average": 0.0}
+
+    monkeypatch.setattr(finetune, "run_side", run_side)
+    result = finetune.measure(argparse.Namespace(rounds=3), None, [{}] * 10, [{}] * 20)
+    assert calls == [("project", 10), ("keras", 10)] * 3 + [("project", 20), ("keras", 20)]
+    assert result["summary"]["project"]["steady"] == {"min": 7.0, "median": 8.0, "max": 9.0}
+    assert result["summary"]["keras"]["cold"] == {"min": 2.5, "median": 2.75, "max": 3.0}
+    assert result["ratios"] == {"steady": pytest.approx(8 / 11), "all_epochs": pytest.approx(8 / 11),
+                                "cold": pytest.approx(8 / 11)}
+    assert result["memory"]["project"] == {"images": [10, 20], "peak_rss_mib": [710.0, 712.0],
+                                           "growth": pytest.approx(712 / 710)}
+    assert result["memory"]["keras"]["peak_rss_mib"] == [905.0, 1500.0]
+    capsys.readouterr()
+    finetune.print_tables({"result": result})
+    out = capsys.readouterr().out
+    assert _cells(out, "project")[0] == ["project", "7.00", "/", "8.00", "/", "9.00", "3.50", "/", "4.00", "/", "4.50",
+                                         "1.75", "/", "2.00", "/", "2.25"]
+    assert "steady 0.73 (target >= 0.9: NOT met), all epochs 0.73, cold 0.73" in out
+    assert _cells(out, "keras")[1] == ["keras", "10", "/", "20", "905", "/", "1500", "1.66"]
+
+
+def test_finetune_validates_every_fifth_image_of_each_class_and_needs_one_a_class():
+    images = [(f"{cls}{i}.png", cls) for i in range(10) for cls in ("b", "a")]
+    rows = finetune.marked(images)
+    assert [r["path"] for r in rows if r["validation"]] == ["b4.png", "a4.png", "b9.png", "a9.png"]
+    assert {r["label"] for r in rows if r["path"].startswith("a")} == {0}  # classes indexed in sorted order
+    with pytest.raises(finetune.BenchmarkError, match=r"class\(es\) c have fewer than 5 of the 24 images"):
+        finetune.marked(images + [(f"c{i}.png", "c") for i in range(4)])

@@ -229,6 +229,36 @@ def test_explain_benchmark_times_featurize_predict_and_explain_on_the_same_image
 
 
 @pytest.mark.slow
+def test_finetune_benchmark_trains_both_sides_on_the_same_images(spark, tmp_path, capsys):
+    """Both sides in this process (the project's in the test's Spark session: its training process
+    is the trainer's own child); the script's fresh processes and rounds are not run here."""
+    import time
+
+    import finetune  # benchmarks/finetune.py
+
+    args = finetune.parse_args(["--images", "10", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
+                                "--no-augment"])
+    rows = finetune.marked(finetune.generated_images(str(tmp_path), 10, 40))
+    spec = finetune.train_spec(args, rows)
+    assert (spec.network.model_name, spec.unfreeze, spec.patience) == ("SmallCNN", 0, 2)  # no stage stops early
+    runs = {}
+    for side, train in (("project", lambda: finetune.side_project(spark, spec, rows)),
+                        ("keras", lambda: finetune.side_keras(spec, rows))):
+        started = time.time()
+        runs[side] = [finetune.run_figures(train(), started)]
+    for (run,) in runs.values():  # 2 of 5 images a class validate; both epochs of the one stage recorded
+        assert (run["n_fit"], run["n_validation"]) == (8, 2) and [e["epoch"] for e in run["epochs"]] == [1, 2]
+        assert run["steady_images_per_s"] > 0 and run["training_peak_rss_mib"] > 0
+    result = finetune.summarise(runs, {})
+    assert result["ratios"]["steady"] == pytest.approx(
+        runs["project"][0]["steady_images_per_s"] / runs["keras"][0]["steady_images_per_s"])
+    capsys.readouterr()
+    finetune.print_tables({"result": result})
+    out = capsys.readouterr().out
+    assert f"steady {result['ratios']['steady']:.2f} (target >= 0.9" in out
+
+
+@pytest.mark.slow
 def test_near_duplicate_benchmark_finds_the_planted_rows(tmp_path):
     out = tmp_path / "nd.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "near_duplicates.py"), "--images", "60,125",

@@ -146,6 +146,44 @@ def test_one_line_error_exit_2(tmp_path, case, monkeypatch, capsys):
         assert fragment in lines[0]
 
 
+# Bad input to a training run (train: finetune | scratch): found before Spark, nothing written.
+TRAINING_CASES = {
+    "unknown train value": ("VGG16_binary_finetune", 6, ["train=transfer"],
+                            ["train: 'transfer' is not allowed: expected one of probe, finetune, scratch"]),
+    "unfreeze larger than the backbone": (
+        "VGG16_binary_finetune", 6, ["finetune.unfreeze=6"],
+        ["finetune.unfreeze=6 is larger than VGG16, which has 5 units (blocks): set finetune.unfreeze to 0..5"]),
+    "a class with no training image": (  # the probe's split check comes first (tests/test_training.py: the other)
+        "SmallCNN_binary_scratch", 1, [],
+        ["class Covid-19 needs at least 2 images", "the test split takes at least one (test_fraction=0.2) and one "
+         "for training; add images to it"]),
+    "too few images for the validation split": (
+        "SmallCNN_binary_scratch", 2, [],
+        ["too few images of Covid-19 for the validation split: 1 training image(s)", "training.validation_fraction="]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_bad_training_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case, monkeypatch, capsys):
+    entry, covid_images, sets, fragments = TRAINING_CASES[case]
+    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=6)
+    for name in sorted(os.listdir(os.path.join(raw, "Covid-19")))[covid_images:]:
+        os.unlink(os.path.join(raw, "Covid-19", name))
+    args = ["run", entry]
+    for assignment in ["weights=random", "test_fraction=0.2", f"dataset.raw_dir={raw}", *sets,
+                       f"dataset.resized_dir={tmp_path / 'resized'}", f"results_dir={tmp_path / 'results'}"]:
+        args += ["--set", assignment]
+    monkeypatch.setattr(SparkSession.Builder, "getOrCreate", _no_spark)
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert not (tmp_path / "resized").exists()  # nothing resized, no staging or model folder, no results
+    assert not (tmp_path / "results").exists() or os.listdir(tmp_path / "results") == ["logs"]
+
+
 # An error as Spark hands it over from a Python worker: the Java text with the worker's traceback.
 _WORKER_TRACEBACK = """An error occurred while calling o161.parquet.
 : org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 3.0 failed 1 times

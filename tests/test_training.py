@@ -9,6 +9,8 @@ import os
 import pytest
 
 from conftest import ROOT
+from xray import training
+from xray.atomic import owner_tag
 from xray.config import load_config
 from xray.errors import DataError
 from xray.split import split_rows
@@ -68,3 +70,31 @@ def test_class_weights_make_every_class_weigh_the_same():
     weights = class_weights({"a": 30, "b": 10}, ["a", "b"])
     assert weights == {0: pytest.approx(40 / 60), 1: pytest.approx(40 / 20)}
     assert 30 * weights[0] == pytest.approx(10 * weights[1])
+
+
+def test_the_trained_models_folder_names_its_process_and_a_killed_runs_is_removed(config, tmp_path, monkeypatch):
+    """The .keras file waits (for MLflow) beside results/<experiment>, in a folder named for its
+    process as a staging folder is: a failed run removes its own, the next run a killed run's."""
+    exp = config.experiment("SmallCNN_binary_scratch", [f"results_dir={tmp_path / 'results'}"])
+    workdirs = []
+
+    def train_and_write(exp, p, out_dir, workdir, phases, log):
+        workdirs.append(workdir)
+        raise DataError("stopped before Spark")
+
+    monkeypatch.setattr(training, "check_before_training", lambda exp, log: None)
+    monkeypatch.setattr(training, "_train_and_write", train_and_write)
+    with pytest.raises(DataError):
+        training.run_training(exp, log=lambda line: None)
+    name = os.path.basename(workdirs[0])
+    assert os.path.dirname(workdirs[0]) == str(tmp_path / "results")
+    assert name.startswith(f".tmp-{owner_tag()}-SmallCNN_binary_scratch-model-")
+    assert not (tmp_path / "results").exists()  # the failed run removed its folders and the one it made
+
+    host, boot, pid, start = owner_tag().split(".")
+    killed = tmp_path / "results" / name.replace(owner_tag(), f"{host}.{boot}.{pid}.{int(start) + 1}")
+    killed.mkdir(parents=True)  # this name from a previous process (killed before it could clean up)
+    (killed / "model.keras").write_bytes(b"a killed run's model")
+    with pytest.raises(DataError):
+        training.run_training(exp, log=lambda line: None)
+    assert os.listdir(tmp_path / "results") == []  # the killed run's folder went, and this run's own

@@ -19,7 +19,8 @@ image. In that task:
    has one stage. Each stage stops early when the validation loss has not improved for
    ``patience`` epochs and restores its best epoch; the better stage's weights are kept. It stops
    by itself when the task's process goes away.
-3. the task returns the saved ``.keras`` file (in 16 MB rows) and the per-epoch history.
+3. the task returns the saved ``.keras`` file (in 16 MB rows) and the per-epoch history (with the
+   training process' peak resident memory, ``peak_rss_mib``).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def compile_stage(model, learning_rate: float) -> None:
                   metrics=["accuracy"])
 
 
-def _epoch_recorder(stage: int, n_train: int, first_epoch: int, log: Callable[[str], object]):
+def epoch_recorder(stage: int, n_train: int, first_epoch: int, log: Callable[[str], object]):
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -273,7 +274,7 @@ def fit_stage(model, train_ds, val_ds, spec: TrainSpec, stage: int, learning_rat
 
     compile_stage(model, learning_rate)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec.patience, restore_best_weights=True)
-    recorder = _epoch_recorder(stage, n_train, first_epoch, log)
+    recorder = epoch_recorder(stage, n_train, first_epoch, log)
     model.fit(train_ds, validation_data=val_ds, epochs=spec.epochs, class_weight=spec.class_weight,
               callbacks=[recorder, stopper], shuffle=False, verbose=0)  # the dataset shuffles
     best = min(recorder.epochs, key=lambda e: (e["val_loss"], e["epoch"]))
@@ -313,6 +314,14 @@ def train(workdir: str, spec: TrainSpec, alive: Callable[[], bool] = lambda: Tru
             "trainable_parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights))}
 
 
+def peak_rss_mib() -> float:
+    """This process' peak resident memory, MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def main(argv: list[str]) -> int:
     """``python -m imagefeaturizer.trainer WORKDIR PARENT_PID``: the training process."""
     workdir, parent = argv[0], int(argv[1])
@@ -321,6 +330,7 @@ def main(argv: list[str]) -> int:
             spec = TrainSpec.from_json(f.read())
         history = train(workdir, spec, alive=lambda: os.getppid() == parent,
                         log=lambda line: print(line, file=sys.stderr, flush=True))
+        history["peak_rss_mib"] = peak_rss_mib()
         with open(os.path.join(workdir, HISTORY_FILE), "w", encoding="utf-8") as f:
             json.dump(history, f)
         return 0

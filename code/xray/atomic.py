@@ -184,6 +184,15 @@ def _beside(dest: str) -> tuple[str, str]:
     return os.path.join(parent, f"{TEMP_PREFIX}{token}"), os.path.join(parent, f".old-{token}")
 
 
+def owned_folder(beside: str, what: str) -> str:
+    """A new folder beside ``beside`` for temporary files, named for its owner as a staging folder
+    is (``.tmp-<owner>-<name>-<what>-...``): once its process is gone, :func:`remove_orphans` of
+    that folder (e.g. the next :class:`StagedFolder` there) removes it."""
+    tmp, _ = _beside(f"{os.path.abspath(beside)}-{what}")
+    os.makedirs(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_folder(dest: str) -> Iterator[str]:
     """A path beside ``dest`` (not created) for the caller to write a whole folder into; on

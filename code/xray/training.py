@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from imagefeaturizer.classifier import KerasImageClassifier
 from imagefeaturizer.trainer import TrainSpec, fit_on_spark
 
 from . import experiment, reports, tracking
-from .atomic import StagedFolder, write_json_atomic
+from .atomic import StagedFolder, owned_folder, write_json_atomic
 from .config import ConfigError, Experiment
 from .data import LABEL, list_dataset, load_images
 from .errors import DataError
@@ -146,13 +145,16 @@ def run_training(exp: Experiment, log=print) -> dict:
     started, phases = time.perf_counter(), Phases()
     p = check_before_training(exp, log)
     phases.mark("checks")
-    staging, workdir = StagedFolder(exp.results_dir), tempfile.mkdtemp(prefix="xray-model-")
+    staging = StagedFolder(exp.results_dir)  # removes what killed runs left beside it, model folders too
+    out_dir = staging.path
+    workdir = owned_folder(exp.results_dir, "model")  # the .keras file, until MLflow has logged it
     try:
         try:
-            result, model = _train_and_write(exp, p, staging.path, workdir, phases, log)
+            result, model = _train_and_write(exp, p, out_dir, workdir, phases, log)
             result["wall_seconds"] = time.perf_counter() - started
-            write_json_atomic(os.path.join(staging.path, "metrics.json"), result)
+            write_json_atomic(os.path.join(out_dir, "metrics.json"), result)
         except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)  # first: the staging folder's parent may go too
             staging.discard()
             raise
         staging.commit()
@@ -312,5 +314,6 @@ def training_record(spec: TrainSpec, p: Plan, sizes: dict, history: dict, classe
         "parameters": history.get("parameters"),
         "trainable_parameters": history.get("trainable_parameters"),
         "cache_seconds": history.get("cache_seconds"),
+        "training_process_peak_rss_mib": history.get("peak_rss_mib"),  # streams from disk: not the data set's size
         "cached_images": history.get("counts"),
     }
