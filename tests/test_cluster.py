@@ -248,6 +248,7 @@ def _overrides(raw: str, out) -> list[str]:
         f"cache_dir={out / 'cache'}",
         "test_fraction=0.25",
         "batch_size=4",
+        "classifier.maxIter=5",  # tiny separable data: LR would run ~30 iterations, one Spark job each
     ]
 
 

@@ -36,6 +36,7 @@ def _settings(tmp_path) -> list[str]:
         "weights": "random", "dataset.raw_dir": tmp_path / "raw", "dataset.resized_dir": tmp_path / "resized",
         "results_dir": tmp_path / "results", "cache_dir": tmp_path / "cache", "dataset.image_size": 64,
         "test_fraction": 0.4, "spark.master": "local[2]",
+        "classifier.maxIter": 5,  # tiny separable data: LR would run ~30 iterations, one Spark job each
     }
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
