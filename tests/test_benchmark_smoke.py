@@ -86,16 +86,26 @@ def test_benchmark_user_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(tmp_path, capsys):
+def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(spark, tmp_path, capsys):
     """The script in this process: it starts no Spark itself (its resize job, single pass and
-    sweep are processes of their own), so a process of its own would only add a Python start."""
+    sweep are processes of their own), so a process of its own would only add a Python start.
+    The generated set and its resized images are made first, here, on the tests' session: the
+    benchmark reuses both, as its later runs on the same data do, so its resize job (a process
+    of its own) finds nothing to do and starts no Spark."""
     import sweep  # benchmarks/sweep.py
 
     from conftest import make_dataset
+    from xray.config import load_config
+    from xray.resize import run_resize
 
     raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
     out, report_path = tmp_path / "out", tmp_path / "sweep.json"
     sets = ["dataset.image_size=64", "classifier.maxIter=5", "test_fraction=0.34", "batch_size=8"]
+    generated = sweep.generate(raw, 2, str(out), ["Covid-19", "No_findings"], log=lambda *_: None)
+    resized = [f"dataset.raw_dir={generated}", f"dataset.resized_dir={out / 'resized-2x'}"]
+    experiment = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification",
+                                                                           ["weights=random", *sets, *resized])
+    run_resize(experiment, spark=spark, log=lambda *_: None)
     capsys.readouterr()
     code = sweep.main(["--data", raw, "--pattern", "ResNet50_binary_classification", "--scale", "2", "--out", str(out),
                        "--json", str(report_path), *sum((["--set", s] for s in sets), [])])
@@ -114,6 +124,7 @@ def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_se
     assert single["model"] == "ResNet50" and single["images"] == 12 and single["seconds"] > 0
     assert report["sweep_seconds"] > report["sweep_featurization_seconds"] > 0  # the sweep's time holds its featurization
     # The printed summary shows the JSON's figures.
+    assert "resize job: " in proc.out and "is up to date" in open(os.path.join(report["work"], "resize.log")).read()
     assert f"sweep: {report['sweep_seconds']:.1f} s" in proc.out and f"ratio {report['sweep_ratio']:.3f}" in proc.out
     if procinfo.HAVE_PROC:  # memory comes from /proc
         memory = report["memory"]
