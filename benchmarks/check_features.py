@@ -69,11 +69,14 @@ def featurizer_features(spark, model_name: str, weights: str, pooling: str, path
     return np.stack([rows[p] for p in paths]), plan.engine
 
 
-def check(args: argparse.Namespace) -> list[dict[str, Any]]:
+def check(args: argparse.Namespace, spark=None) -> list[dict[str, Any]]:
+    """Both sides for every backbone and pooling; in ``spark`` when given (left running, e.g. a
+    test's session), else in a new local application on ``--master``, stopped at the end."""
     from xray.session import spark_session
 
     paths = [os.path.abspath(p) for p in list_images(args.data, args.images)]
-    spark = spark_session(spark_settings(args.master))
+    own = spark is None
+    spark = spark_session(spark_settings(args.master)) if own else spark
     results = []
     with tempfile.TemporaryDirectory(prefix="check-features-") as tmp:
         for name in args.models:
@@ -85,11 +88,13 @@ def check(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results.append({"model": name, "pooling": pooling, "engine": engine, "images": len(paths),
                                 "max_abs_diff_over_max_abs": error, "ok": error <= TOLERANCE})
                 print(f"{name} {pooling} ({engine}, {len(paths)} images): {error:.2e}", flush=True)
-    spark.stop()
+    if own:
+        spark.stop()
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, spark=None) -> int:
+    """``spark``: a running session to use instead of a new one (see :func:`check`)."""
     parser = argparse.ArgumentParser(description="Featurizer features against Keras' own model, same weights file.")
     parser.add_argument("--data", required=True, help="folder of images (any depth)")
     parser.add_argument("--models", default="ResNet50", help="comma-separated backbones (default ResNet50)")
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.models:
             backbones.resolve_weights(name, args.weights)
-        results = check(args)
+        results = check(args, spark)
     except (BenchmarkError, InvalidImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

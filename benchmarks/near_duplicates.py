@@ -88,7 +88,9 @@ def _print(result: dict) -> None:
           f"(largest {result.get('python_worker_peak_rss_mib', 'n/a')})", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> int:
+    """``spark``: a running session to use (left running, e.g. a test's) instead of a new local one
+    on ``--master``, which is stopped at the end."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", default="1012,10120", help="comma-separated numbers of images")
     parser.add_argument("--dim", type=int, default=2048, help="feature size (ResNet50, InceptionV3, Xception: 2048)")
@@ -103,16 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         sizes = []
     if not sizes or min(sizes) < TEST_EVERY:
         parser.error(f"--images: expected comma-separated numbers of at least {TEST_EVERY}, got {args.images!r}")
-    spark = (SparkSession.builder.master(args.master).appName("near-duplicates-benchmark")
-             .config("spark.driver.memory", "1g").config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
-             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    own = spark is None
+    if own:
+        spark = (SparkSession.builder.master(args.master).appName("near-duplicates-benchmark")
+                 .config("spark.driver.memory", "1g").config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+                 .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     results = []
     try:
         for n in sizes:
             results.append(run_size(spark, n, args.dim, args.planted, args.threshold))
             _print(results[-1])
     finally:
-        spark.stop()
+        if own:
+            spark.stop()
     if args.json:
         write_json_atomic(args.json, {"date": datetime.date.today().isoformat(), "cores": os.cpu_count(),
                                       "settings": vars(args), "results": results})

@@ -60,6 +60,7 @@ import procinfo  # noqa: E402
 from featurize import cold_workers_warm_jvm  # noqa: E402
 
 SWEEP_RATIO_TARGET = 1.15
+POOL_FROM = 64  # variant images: fewer are written in this process
 DRIVER_MEMORY_TARGET_MIB = 2048
 
 
@@ -123,9 +124,13 @@ def generate(data: str, scale: int, out: str, classes: list[str], log=print) -> 
     if jobs:
         log(f"generating {len(jobs)} variant images into {dest_root} (kept for later runs)")
         start = time.perf_counter()
-        with get_context("spawn").Pool(os.cpu_count() or 1) as pool:
-            for _ in pool.imap_unordered(_variant_job, jobs, chunksize=16):
-                pass
+        if len(jobs) < POOL_FROM:  # a pool's start (a fresh Python each) costs more than it saves
+            for job in jobs:
+                _variant_job(job)
+        else:
+            with get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+                for _ in pool.imap_unordered(_variant_job, jobs, chunksize=16):
+                    pass
         log(f"generated in {time.perf_counter() - start:.0f} s")
     return dest_root
 

@@ -70,32 +70,47 @@ def test_benchmark_measures_keras_and_spark_on_the_same_images(tmp_path):
         assert memory.startswith("ResNet50") and f"{spark['worker_peak_rss_mib']:.0f}" in memory
 
 
-@pytest.mark.slow
-def test_benchmark_user_errors_are_one_line(tmp_path):
-    missing = _run("--data", str(tmp_path / "nowhere"), "--models", "ResNet50")
-    assert missing.returncode == 2
-    assert missing.stderr.strip().startswith("error: ") and len(missing.stderr.strip().splitlines()) == 1
-    assert "nowhere" in missing.stderr
+def test_benchmark_user_errors_are_one_line(tmp_path, capsys):
+    """In this process: both errors come before any Spark or child process."""
+    import featurize  # benchmarks/featurize.py
+
+    capsys.readouterr()
+    assert featurize.main(["--data", str(tmp_path / "nowhere"), "--models", "ResNet50"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1 and "nowhere" in err
 
     (tmp_path / "x.png").write_bytes(b"")
-    unknown = _run("--data", str(tmp_path), "--models", "AlexNet")
-    assert unknown.returncode == 2 and "AlexNet" in unknown.stderr and "Traceback" not in unknown.stderr
-
-
-SWEEP_SCRIPT = os.path.join(ROOT, "benchmarks", "sweep.py")
+    assert featurize.main(["--data", str(tmp_path), "--models", "AlexNet"]) == 2
+    err = capsys.readouterr().err
+    assert "AlexNet" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(tmp_path):
+def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_set(spark, tmp_path, capsys):
+    """The script in this process: it starts no Spark itself (its resize job, single pass and
+    sweep are processes of their own), so a process of its own would only add a Python start.
+    The generated set and its resized images are made first, here, on the tests' session: the
+    benchmark reuses both, as its later runs on the same data do, so its resize job (a process
+    of its own) finds nothing to do and starts no Spark."""
+    import sweep  # benchmarks/sweep.py
+
     from conftest import make_dataset
+    from xray.config import load_config
+    from xray.resize import run_resize
 
     raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
     out, report_path = tmp_path / "out", tmp_path / "sweep.json"
     sets = ["dataset.image_size=64", "classifier.maxIter=5", "test_fraction=0.34", "batch_size=8"]
-    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", raw, "--pattern", "ResNet50_binary_classification", "--scale", "2",
-                           "--out", str(out), "--json", str(report_path), *sum((["--set", s] for s in sets), [])],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    generated = sweep.generate(raw, 2, str(out), ["Covid-19", "No_findings"], log=lambda *_: None)
+    resized = [f"dataset.raw_dir={generated}", f"dataset.resized_dir={out / 'resized-2x'}"]
+    experiment = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification",
+                                                                           ["weights=random", *sets, *resized])
+    run_resize(experiment, spark=spark, log=lambda *_: None)
+    capsys.readouterr()
+    code = sweep.main(["--data", raw, "--pattern", "ResNet50_binary_classification", "--scale", "2", "--out", str(out),
+                       "--json", str(report_path), *sum((["--set", s] for s in sets), [])])
+    proc = capsys.readouterr()
+    assert code == 0, proc.err[-2000:]
     report = json.loads(report_path.read_text())
     generated = out / "data-2x"
     for cls in ("Covid-19", "No_findings"):  # each source image and one variant of it, same formats
@@ -109,28 +124,28 @@ def test_sweep_benchmark_times_the_sweep_against_single_passes_on_a_generated_se
     assert single["model"] == "ResNet50" and single["images"] == 12 and single["seconds"] > 0
     assert report["sweep_seconds"] > report["sweep_featurization_seconds"] > 0  # the sweep's time holds its featurization
     # The printed summary shows the JSON's figures.
-    assert f"sweep: {report['sweep_seconds']:.1f} s" in proc.stdout and f"ratio {report['sweep_ratio']:.3f}" in proc.stdout
+    assert "resize job: " in proc.out and "is up to date" in open(os.path.join(report["work"], "resize.log")).read()
+    assert f"sweep: {report['sweep_seconds']:.1f} s" in proc.out and f"ratio {report['sweep_ratio']:.3f}" in proc.out
     if procinfo.HAVE_PROC:  # memory comes from /proc
         memory = report["memory"]
         assert 0 < memory["driver_python_peak_rss_mib"] < memory["driver_peak_rss_mib"]  # the driver's JVM was found
         # Python workers found: an OpenVINO worker holds about 300 MiB with ResNet50, a TensorFlow one over 1 GiB.
         assert memory["driver_jvm_peak_rss_mib"] > 100 and memory["python_worker_peak_rss_mib"] > 100
-        assert f"together {memory['driver_peak_rss_mib']:.0f} MiB" in proc.stdout
+        assert f"together {memory['driver_peak_rss_mib']:.0f} MiB" in proc.out
     assert not os.path.exists(os.path.join(report["work"], "cache"))  # the run's feature cache is removed
 
 
-@pytest.mark.slow
-def test_sweep_benchmark_user_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "nowhere" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    bad = subprocess.run([sys.executable, SWEEP_SCRIPT, "--data", str(tmp_path), "--pattern", "AlexNet_*"],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "AlexNet_*" in bad.stderr and "Traceback" not in bad.stderr
+def test_sweep_benchmark_user_errors_are_one_line(tmp_path, capsys):
+    """In this process: both errors come before any Spark or child process."""
+    import sweep  # benchmarks/sweep.py
 
-
-ENGINES_SCRIPT = os.path.join(ROOT, "benchmarks", "engines.py")
+    capsys.readouterr()
+    assert sweep.main(["--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: ") and "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert sweep.main(["--data", str(tmp_path), "--pattern", "AlexNet_*"]) == 2
+    err = capsys.readouterr().err
+    assert "AlexNet_*" in err and len(err.strip().splitlines()) == 1
 
 
 def _three_images(tmp_path, **kwargs):
@@ -142,13 +157,19 @@ def _three_images(tmp_path, **kwargs):
 
 
 @pytest.mark.slow
-def test_engines_benchmark_times_every_side_cold_and_warm_on_the_same_images(tmp_path):
+def test_engines_benchmark_times_every_side_cold_and_warm_on_the_same_images(tmp_path, capsys):
+    """The script in this process: each side runs in a fresh process of its own anyway (what
+    cold means); the script itself only exports the model and starts them."""
+    import engines  # benchmarks/engines.py
+
     data = _three_images(tmp_path, size=(60, 50))
     out = tmp_path / "engines.json"
-    proc = subprocess.run([sys.executable, ENGINES_SCRIPT, "--data", str(data), "--models", "ResNet50", "--rounds", "1",
-                           "--sides", "keras,openvino,spark-openvino", "--batch-size", "2",
-                           "--master", "local[1]", "--json", str(out)], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    capsys.readouterr()
+    code = engines.main(["--data", str(data), "--models", "ResNet50", "--rounds", "1",
+                         "--sides", "keras,openvino,spark-openvino", "--batch-size", "2",
+                         "--master", "local[1]", "--json", str(out)])
+    proc = capsys.readouterr()
+    assert code == 0, proc.err[-2000:]
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "ResNet50" and row["images"] == 3
     for side, runs in row["runs"].items():  # one round of each side, every image in each pass
@@ -170,23 +191,25 @@ def test_engines_benchmark_times_every_side_cold_and_warm_on_the_same_images(tmp
     fastest = ratios["fastest_single_warm"]
     assert fastest in ("keras", "openvino") and summary[fastest]["warm"]["median"] == max(
         summary[s]["warm"]["median"] for s in ("keras", "openvino"))
-    assert f"{ratios['vs_keras_cold']:.2f}" in _table_row(proc.stdout, "backbone featurizer")
-
-
-CHECK_SCRIPT = os.path.join(ROOT, "benchmarks", "check_features.py")
+    assert f"{ratios['vs_keras_cold']:.2f}" in _table_row(proc.out, "backbone featurizer")
 
 
 @pytest.mark.slow
-def test_feature_check_compares_the_featurizer_with_keras_own_model_on_a_weights_file(tmp_path):
+def test_feature_check_compares_the_featurizer_with_keras_own_model_on_a_weights_file(spark, tmp_path, capsys):
+    """In this process, on the tests' session (the script takes a running one instead of starting
+    its own): a process of its own would start Spark and TensorFlow once more."""
+    import check_features  # benchmarks/check_features.py
+
     data = _three_images(tmp_path, size=(70, 60), mode="RGB")
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, CHECK_SCRIPT, "--data", str(data), "--models", "VGG16", "--json", str(out),
-                           "--master", "local[1]"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    capsys.readouterr()
+    code = check_features.main(["--data", str(data), "--models", "VGG16", "--json", str(out)], spark=spark)
+    proc = capsys.readouterr()
+    assert code == 0, proc.out[-2000:] + proc.err[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [(r["model"], r["pooling"], r["images"]) for r in results] == [("VGG16", "avg", 3), ("VGG16", "max", 3)]
     assert all(r["ok"] and 0 <= r["max_abs_diff_over_max_abs"] <= 1e-4 for r in results)
-    assert f"{results[0]['max_abs_diff_over_max_abs']:.2e}" in proc.stdout
+    assert f"{results[0]['max_abs_diff_over_max_abs']:.2e}" in proc.out
 
 
 @pytest.mark.slow
@@ -259,17 +282,29 @@ def test_finetune_benchmark_trains_both_sides_on_the_same_images(spark, tmp_path
 
 
 @pytest.mark.slow
-def test_near_duplicate_benchmark_finds_the_planted_rows(tmp_path):
+def test_near_duplicate_benchmark_finds_the_planted_rows(spark, tmp_path, capsys):
+    """In this process, on the tests' session (the script takes a running one instead of starting its own)."""
+    from pyspark import cloudpickle
+
+    import near_duplicates  # benchmarks/near_duplicates.py
+
+    # Imported, not run as a script: its row generator goes to the Python workers by value, as
+    # from a script (benchmarks/ is not on the workers' path).
+    cloudpickle.register_pickle_by_value(near_duplicates)
     out = tmp_path / "nd.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "near_duplicates.py"), "--images", "60,125",
-                           "--dim", "16", "--planted", "4", "--master", "local[1]", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    capsys.readouterr()
+    try:
+        code = near_duplicates.main(["--images", "60,125", "--dim", "16", "--planted", "4", "--json", str(out)],
+                                    spark=spark)
+    finally:
+        cloudpickle.unregister_pickle_by_value(near_duplicates)
+    proc = capsys.readouterr()
+    assert code == 0, proc.err[-2000:]
     first, second = json.loads(out.read_text())["results"]
     assert (first["images"], first["train"], first["test"], first["pairs_compared"]) == (60, 48, 12, 576)
     assert (second["train"], second["test"]) == (100, 25)
     assert first["planted_found"] == first["planted"] == 4 == second["planted_found"]
     for r in (first, second):  # the printed line shows the JSON's figures
         assert (f"{r['images']:>7} images ({r['train']} train x {r['test']} test = {r['pairs_compared']:,} pairs): "
-                f"{r['seconds']:.1f} s; found {r['pairs_found']} (planted 4 of 4)") in proc.stdout
-    assert f"wrote {out}" in proc.stdout
+                f"{r['seconds']:.1f} s; found {r['pairs_found']} (planted 4 of 4)") in proc.out
+    assert f"wrote {out}" in proc.out

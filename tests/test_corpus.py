@@ -249,6 +249,7 @@ def test_experiment_downloads_the_corpus_and_skips_bad_files(spark, corpus, caps
             "--set", f"results_dir={root / 'results'}",
             "--set", f"cache_dir={root / 'cache'}",
             "--set", "batch_size=16",
+            "--set", "classifier.maxIter=5",  # a few LR iterations: each is a Spark job
             "--set", "spark.master=local[2]",
         )
     finally:

@@ -109,7 +109,7 @@ def test_a_planted_marker_is_found_through_run_and_explain_with_another_config(s
                                      "experiments": {"Marker_probe": {"model": "ResNet50", "task": "marker"}}}))
     sets = [f"weights=random", f"dataset.raw_dir={tmp_path / 'raw'}", f"dataset.resized_dir={tmp_path / 'resized'}",
             f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", "dataset.image_size=112",
-            "test_fraction=0.25", "spark.master=local[2]",
+            "test_fraction=0.25", "spark.master=local[2]", "classifier.maxIter=5",
             f"model_cache_dir={MODEL_CACHE}"]  # the session's exports (relative, it would be under tmp_path)
     args = [arg for s in sets for arg in ("--set", s)]
 

@@ -28,7 +28,8 @@ from imagefeaturizer.runtime import TEST_HOLD_ENV
 pytestmark = pytest.mark.slow
 
 WRAPPER = os.path.join(ROOT, "wrapper.sh")
-EXPERIMENT = "VGG16_binary_classification"
+MODEL = "ResNet50"  # the suite's backbone: its export (cache/models) is made once for every test
+EXPERIMENT = f"{MODEL}_binary_classification"
 
 
 def _settings(tmp_path) -> list[str]:
@@ -36,6 +37,7 @@ def _settings(tmp_path) -> list[str]:
         "weights": "random", "dataset.raw_dir": tmp_path / "raw", "dataset.resized_dir": tmp_path / "resized",
         "results_dir": tmp_path / "results", "cache_dir": tmp_path / "cache", "dataset.image_size": 64,
         "test_fraction": 0.4, "spark.master": "local[2]",
+        "classifier.maxIter": 5,  # tiny separable data: LR would run ~30 iterations, one Spark job each
     }
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
@@ -130,14 +132,14 @@ def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
     _assert_a_whole_run(tmp_path, rerun, logs_before)
 
     # Not an interruption, but the same path from the workers to the terminal: weights whose shapes
-    # fit VGG16 (the driver's check passes) and whose layers Keras cannot match fail in every Python
+    # fit the backbone (the driver's check passes) and whose layers Keras cannot match fail in every Python
     # worker; the terminal gets one line naming the log, the log the workers' tracebacks.
     weights = _renamed_layer_weights(tmp_path)
     failed = _run(*args, "--set", f"weights={weights}")
     assert failed.returncode == 2, failed.stderr[-3000:]
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1, failed.stderr
-    assert lines[0].startswith(f"error: weights file '{weights}' does not fit VGG16 without its top (ValueError: ")
+    assert lines[0].startswith(f"error: weights file '{weights}' does not fit {MODEL} without its top (ValueError: ")
     log = lines[0].rsplit("(details: ", 1)[-1].rstrip(")")
     text = open(log, encoding="utf-8").read()
     assert "Traceback (most recent call last)" in text and "PythonException" in text
@@ -166,7 +168,7 @@ def _renamed_layer_weights(tmp_path) -> str:
     from imagefeaturizer import backbones
 
     weights = str(tmp_path / "renamed.weights.h5")
-    backbones.build_model("VGG16", None, pooling=None).save_weights(weights)
+    backbones.build_model(MODEL, None, pooling=None).save_weights(weights)
     with h5py.File(weights, "a") as f:
         f.move("layers/conv2d", "layers/renamed")
     return weights

@@ -24,7 +24,8 @@ from xray.split import assign_split, with_split
 
 
 def _overrides(tmp_path, raw, *extra):
-    return tiny_overrides(tmp_path, raw, *extra)
+    # tiny separable data: LR would run ~30-40 iterations, one Spark job each
+    return tiny_overrides(tmp_path, raw, "classifier.maxIter=5", *extra)
 
 
 @pytest.fixture(scope="module")
