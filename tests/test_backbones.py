@@ -9,7 +9,6 @@ import pytest
 
 from conftest import png_bytes, xray_like
 from imagefeaturizer import backbones
-from imagefeaturizer.runtime import FeatureExtractor
 
 # What Keras documents for each application without its top: module, input size, the size of the
 # last feature maps at that input (5 stride-2 stages: 224 -> 7; 299 -> 8 or 10) and their channels.
@@ -27,7 +26,7 @@ def test_registry_names_the_five_backbones():
 
 
 @pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
-def test_features_equal_keras_own_pipeline(name, tmp_path):
+def test_features_equal_keras_own_pipeline(name, tmp_path, random_extractor):
     """Our bytes -> features path equals load_img + the module's preprocess_input + Keras' own
     pooled model; the maps come from the registry's layer and pool to those features."""
     import keras
@@ -41,7 +40,7 @@ def test_features_equal_keras_own_pipeline(name, tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes(image))
 
-    extractor = FeatureExtractor(name, None, "avg")
+    extractor = random_extractor(name)  # FeatureExtractor(name, None, "avg"), shared with later files
     ours, maps = extractor.predict_with_maps([extractor.prepare(image)], batch_size=4)
     assert ours.shape == (1, feature_size) and maps.shape == (1, *entry.map_shape)
     np.testing.assert_allclose(extractor.predict([extractor.prepare(image)], batch_size=4), ours, rtol=1e-6)
