@@ -193,3 +193,20 @@ def keras_classifier_pipeline(keras_file: str, classes, image_size: int):
     classifier = KerasImageClassifier(modelFile=keras_file, imageSize=image_size, batchSize=4)
     converter = IndexToString(inputCol="prediction", outputCol="predicted_label", labels=list(classes))
     return PipelineModel([indexer, classifier, converter])
+
+
+@pytest.fixture(scope="session")
+def random_extractor():
+    """Backbone name -> its FeatureExtractor (TensorFlow engine, seeded random weights, avg pooling,
+    traced on first use), built once per session for the driver-side references of several test
+    files: each build and trace costs seconds of CPU. Read it, never change it."""
+    from imagefeaturizer.runtime import FeatureExtractor
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = FeatureExtractor(name, None, "avg", "tensorflow")
+        return built[name]
+
+    return get

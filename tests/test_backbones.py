@@ -9,7 +9,6 @@ import pytest
 
 from conftest import png_bytes, xray_like
 from imagefeaturizer import backbones
-from imagefeaturizer.runtime import FeatureExtractor
 
 # What Keras documents for each application without its top: module, input size, the size of the
 # last feature maps at that input (5 stride-2 stages: 224 -> 7; 299 -> 8 or 10) and their channels.
@@ -27,7 +26,7 @@ def test_registry_names_the_five_backbones():
 
 
 @pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
-def test_features_equal_keras_own_pipeline(name, tmp_path):
+def test_features_equal_keras_own_pipeline(name, tmp_path, random_extractor):
     """Our bytes -> features path equals load_img + the module's preprocess_input + Keras' own
     pooled model; the maps come from the registry's layer and pool to those features."""
     import keras
@@ -41,7 +40,7 @@ def test_features_equal_keras_own_pipeline(name, tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes(image))
 
-    extractor = FeatureExtractor(name, None, "avg")
+    extractor = random_extractor(name)  # FeatureExtractor(name, None, "avg"), shared with later files
     ours, maps = extractor.predict_with_maps([extractor.prepare(image)], batch_size=4)
     assert ours.shape == (1, feature_size) and maps.shape == (1, *entry.map_shape)
     np.testing.assert_allclose(extractor.predict([extractor.prepare(image)], batch_size=4), ours, rtol=1e-6)
@@ -57,22 +56,29 @@ def test_features_equal_keras_own_pipeline(name, tmp_path):
     pixels = keras.utils.img_to_array(
         keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear")
     )
-    expected = reference.predict(module.preprocess_input(pixels[None].copy()), verbose=0)
+    # Keras' own forward pass, called eagerly: the same layers and result as reference.predict,
+    # without tracing a predict function for one image (seconds of CPU for InceptionV3).
+    expected = np.asarray(reference(module.preprocess_input(pixels[None].copy()), training=False))
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
     assert np.abs(ours).sum() > 0
 
 
-def test_random_weights_are_the_same_in_every_build_pooled_or_not():
-    a = backbones.build_model("VGG16", None)
-    b = backbones.build_model("VGG16", None, pooling=None)  # what the engines build: the maps
+@pytest.fixture(scope="module")
+def vgg16_random():
+    """VGG16 with seeded random weights, built once for this module: (pooled "avg", the maps)."""
+    return backbones.build_model("VGG16", None), backbones.build_model("VGG16", None, pooling=None)
+
+
+def test_random_weights_are_the_same_in_every_build_pooled_or_not(vgg16_random):
+    a, b = vgg16_random  # b: what the engines build, the maps
     assert tuple(a.output.shape) == (None, 512) and tuple(b.output.shape) == (None, 7, 7, 512)
     assert len(a.get_weights()) == len(b.get_weights())
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(wa, wb)
 
 
-def test_weights_file_round_trip_and_mismatch(tmp_path):
-    model = backbones.build_model("VGG16", None)
+def test_weights_file_round_trip_and_mismatch(tmp_path, vgg16_random):
+    model = vgg16_random[0]
     path = str(tmp_path / "vgg16.weights.h5")
     model.save_weights(path)
     assert backbones.resolve_weights("VGG16", path) == path
@@ -87,13 +93,13 @@ def _no_model_built(*args, **kwargs):
     raise AssertionError("the weights check built a model")
 
 
-def test_weights_files_are_checked_without_building_a_model(tmp_path, monkeypatch):
+def test_weights_files_are_checked_without_building_a_model(tmp_path, monkeypatch, vgg16_random):
     """VGG16 weights given to ResNet50, a garbage file, a truncated one: found on the spot, in one
     line naming the fix; the legacy .h5 layout of Keras' ImageNet files passes, and loads."""
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = backbones.build_model("VGG16", None, pooling=None)
+    model = vgg16_random[1]
     vgg, legacy = str(tmp_path / "vgg16.weights.h5"), str(tmp_path / "vgg16_notop.h5")
     model.save_weights(vgg)
     with h5py.File(legacy, "w") as f:

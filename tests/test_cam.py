@@ -62,18 +62,36 @@ def featurized(spark):
         rows.unpersist()
 
 
+@pytest.fixture(scope="module")
+def fitted(featurized):
+    """(model name, family, standardization) -> the pipeline model fitted on that backbone's feature
+    rows (3 classes for multinomial, 2 for binomial): each head fitted once for every test that
+    reads it (a Spark LogisticRegression fit costs seconds of CPU)."""
+    done = {}
+
+    def get(model_name: str, family: str, standardization: bool = True) -> PipelineModel:
+        key = model_name, family, standardization
+        if key not in done:
+            featurizer, _, rows = featurized(model_name)
+            subset = rows if family == "multinomial" else _two_classes(rows)
+            done[key] = _fit(subset, featurizer, family, standardization=standardization)
+        return done[key]
+
+    return get
+
+
 def _two_classes(df):
     return df.filter("label != 'class2'")
 
 
 @pytest.mark.parametrize("model_name", ALL_BACKBONES)
-def test_the_mean_of_each_class_map_is_the_logistic_regression_score(featurized, model_name):
+def test_the_mean_of_each_class_map_is_the_logistic_regression_score(featurized, fitted, model_name):
     """CAM identity, binomial and multinomial: mean_xy M_c(x, y) = rawPrediction[c]."""
-    featurizer, images, rows = featurized(model_name)
+    _, images, _ = featurized(model_name)
     h, w, _ = backbones.get_backbone(model_name).map_shape
     for family, kinds in (("binomial", 2), ("multinomial", 3)):
         subset = (lambda df: df) if kinds == 3 else _two_classes
-        model = _fit(subset(rows), featurizer, family)
+        model = fitted(model_name, family)
         out = class_activation_maps(model, subset(images)).select("rawPrediction", "cams").collect()
         assert len(out) == 2 * kinds
         for r in out:
@@ -85,18 +103,18 @@ def test_the_mean_of_each_class_map_is_the_logistic_regression_score(featurized,
             np.testing.assert_allclose(np.asarray(out[0].cams)[0], -np.asarray(out[0].cams)[1])
 
 
-def test_coefficients_are_on_the_unstandardised_scale(featurized):
+def test_coefficients_are_on_the_unstandardised_scale(featurized, fitted):
     """Spark trains on standardised features (standardization=True) but reports coefficients for
     the raw ones: rawPrediction = W x + b on the features as they are. The features' scales differ
     widely, so standardising changes the fit, and a head on the standardised scale would fail."""
-    featurizer, _, rows = featurized(CHEAP)
+    _, _, rows = featurized(CHEAP)
     x_all = np.stack([r.features.toArray() for r in rows.select("features").collect()])
     spread = x_all.std(axis=0)
     assert spread.max() / spread[spread > 0].min() > 10
     heads = {}
     for family, standardization in (("multinomial", True), ("multinomial", False), ("binomial", True)):
         subset = rows if family == "multinomial" else _two_classes(rows)
-        model = _fit(subset, featurizer, family, standardization=standardization)
+        model = fitted(CHEAP, family, standardization)
         heads[family, standardization] = weights, biases = linear_head(model.stages[2])
         out = model.stages[2].transform(model.stages[0].transform(subset)).select("features", "rawPrediction").collect()
         x = np.stack([r.features.toArray() for r in out])
@@ -152,9 +170,10 @@ def test_the_map_finds_a_planted_marker(spark):
 # --------------------------------------------------------------------------- refusals
 
 
-def test_max_pooling_and_rewired_heads_are_refused_with_the_fix(featurized):
-    featurizer, images, rows = featurized(CHEAP)
-    model = _fit(_two_classes(rows), featurizer.copy({featurizer.pooling: "max"}), "binomial")
+def test_max_pooling_and_rewired_heads_are_refused_with_the_fix(featurized, fitted):
+    featurizer, images, _ = featurized(CHEAP)
+    indexer, _, head = fitted(CHEAP, "binomial").stages  # a head fitted on the rows, as with max pooling
+    model = PipelineModel([indexer, featurizer.copy({featurizer.pooling: "max"}), head])
     with pytest.raises(CamUnavailableError, match="need pooling=avg.*refit the model with pooling=avg"):
         class_activation_maps(model, images)
     avg = PipelineModel([model.stages[0], model.stages[1].copy({model.stages[1].pooling: "avg"}), model.stages[2]])

@@ -233,11 +233,11 @@ def _images(size: int) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(backbones.BACKBONES))
-def test_openvino_features_and_maps_equal_tensorflows(name, tmp_path):
+def test_openvino_features_and_maps_equal_tensorflows(name, tmp_path, random_extractor):
     """The TensorFlow engine's Keras model exported in this process (the graph and conversion a
     child exporter runs, without its TensorFlow import and second model build: the child process
     is checked once below), then OpenVINO's avg features and maps against TensorFlow's."""
-    reference = create_engine("tensorflow", name, None, "avg")
+    reference = random_extractor(name).engine  # create_engine("tensorflow", name, None, "avg"), built once per session
     function = export.serving_function(reference.model, reference.backbone).get_concrete_function()
     OpenVinoEngine.write_export(function, str(tmp_path), name)
     batch = _images(reference.backbone.input_size)
@@ -250,7 +250,7 @@ def test_openvino_features_and_maps_equal_tensorflows(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_fresh_export_runs_in_a_child_process_and_is_reused(tmp_path, monkeypatch):
+def test_a_fresh_export_runs_in_a_child_process_and_is_reused(tmp_path, monkeypatch, random_extractor):
     """The real exporter (a child process building the model from the seed) once; its avg and
     max engines against TensorFlow's features and maps in this process."""
     first = exported_model("VGG16", None, None, "openvino", str(tmp_path))
@@ -259,7 +259,7 @@ def test_a_fresh_export_runs_in_a_child_process_and_is_reused(tmp_path, monkeypa
     second = exported_model("VGG16", None, None, "openvino", str(tmp_path))
     assert not second.exported_now and second.sha256 == first.sha256
     batch = _images(224)
-    avg, maps = create_engine("tensorflow", "VGG16", None, "avg").run_with_maps(batch)
+    avg, maps = random_extractor("VGG16").engine.run_with_maps(batch)  # TensorFlow's, built once per session
     for pooling, expected in (("avg", avg), ("max", maps.max(axis=(1, 2)))):
         features = create_engine("openvino", "VGG16", second.files[0], pooling).run(batch)
         assert features.shape == (2, 512) and close_to(features, expected) <= 1e-4, pooling
