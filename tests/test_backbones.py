@@ -64,9 +64,10 @@ def test_features_equal_keras_own_pipeline(name, tmp_path, random_extractor):
 
 
 @pytest.fixture(scope="module")
-def vgg16_random():
-    """VGG16 with seeded random weights, built once for this module: (pooled "avg", the maps)."""
-    return backbones.build_model("VGG16", None), backbones.build_model("VGG16", None, pooling=None)
+def vgg16_random(random_extractor):
+    """VGG16 with seeded random weights: (pooled "avg", built once for this module; the maps, the
+    session's TensorFlow engine's model, built as every engine builds it)."""
+    return backbones.build_model("VGG16", None), random_extractor("VGG16").engine.model
 
 
 def test_random_weights_are_the_same_in_every_build_pooled_or_not(vgg16_random):

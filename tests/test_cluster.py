@@ -29,6 +29,7 @@ import pytest
 from conftest import CODE, ROOT, FakeSession, cached_features, make_dataset, xray_like
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
+from imagefeaturizer.images import decode_to_pil
 from imagefeaturizer.runtime import SHIP_WEIGHTS_CONF, shipped_name
 from imagefeaturizer.runtime import local_weights as _local_weights
 from xray import cluster
@@ -373,7 +374,8 @@ def _featurize_job(master: str, images, cwd, *weights: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(spark, cluster_settings, tmp_path):
+def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(spark, cluster_settings, tmp_path,
+                                                                         random_extractor):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
@@ -390,7 +392,8 @@ def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(spark, 
     remote = _featurize_job(cluster_settings.master_url, images, driver_dir, relative)
 
     assert sorted(from_file) == [f"im{i}.png" for i in range(4)]
-    from_random = _random_weights_features(images / "im0.png")
+    reference = random_extractor("VGG16")  # weights="random" in this process: no Spark job, no exported model
+    from_random = reference.predict([reference.prepare(decode_to_pil((images / "im0.png").read_bytes()))], 1)[0]
     assert not np.allclose(from_file["im0.png"], from_random, rtol=1e-3, atol=1e-3)  # the file was used
     assert set(remote["features"][relative]) == set(from_file)
     for name, vector in from_file.items():
@@ -412,18 +415,6 @@ def _local_features(spark, images, weights: str) -> dict[str, list[float]]:
                                       batchSize=4)
     rows = featurizer.transform(df).select("path", "features").collect()
     return {os.path.basename(r.path): r.features.toArray().tolist() for r in rows}
-
-
-def _random_weights_features(image) -> np.ndarray:
-    """VGG16 features of ``weights="random"`` (Keras itself: no Spark job, no exported model),
-    on the image as the featurizer decodes, resizes and preprocesses it."""
-    from imagefeaturizer.images import decode_to_pil, resize_pil
-
-    backbone = backbones.get_backbone("VGG16")
-    size = (backbone.input_size, backbone.input_size)
-    pixels = np.asarray(resize_pil(decode_to_pil(image.read_bytes(), origin=str(image)), size), np.float32)
-    model = backbones.build_model(backbone, None, "avg")  # seeded random weights, as weights="random"
-    return model.predict(backbone.preprocess_input(pixels[None]), verbose=0)[0]
 
 
 def _gate_records(gate, kind: str) -> list[dict]:
