@@ -300,8 +300,8 @@ def app_run_check(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output and main
 
 
-def _mmm(s: dict[str, float]) -> str:
-    return f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
+def _mmm(s: dict[str, float] | None) -> str:
+    return "n/a" if s is None else f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
 
 
 def print_tables(report: dict[str, Any]) -> None:

@@ -58,10 +58,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # featurize puts code/ on sys.path (and quiets TensorFlow's C++ log) when imported.
-from featurize import ROOT, BenchmarkError, _self_peak_mib, _table, spark_settings  # noqa: E402
-from engines import spread  # noqa: E402
+from featurize import ROOT, BenchmarkError, _table, spark_settings  # noqa: E402
+from engines import _mmm, spread  # noqa: E402
 from imagefeaturizer import backbones, networks  # noqa: E402
-from imagefeaturizer.trainer import TrainSpec  # noqa: E402
+from imagefeaturizer.trainer import TrainSpec, peak_rss_mib  # noqa: E402
 
 SIDES = ("project", "keras")
 TARGET = 0.9
@@ -162,7 +162,7 @@ def side_project(spark, spec: TrainSpec, rows: list[dict]) -> dict[str, Any]:
     history = fit_on_spark(images.join(F.broadcast(marks), "path"), spec).history
     return {"trained_at": time.time(), "epochs": [e for s in history["stages"] for e in s["epochs"]],
             "n_fit": history["counts"]["train"], "n_validation": history["counts"]["validation"],
-            "training_peak_rss_mib": history["peak_rss_mib"], "driver_python_peak_rss_mib": _self_peak_mib()}
+            "training_peak_rss_mib": history["peak_rss_mib"], "driver_python_peak_rss_mib": peak_rss_mib()}
 
 
 def side_keras(spec: TrainSpec, rows: list[dict]) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def side_keras(spec: TrainSpec, rows: list[dict]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         model.save(os.path.join(tmp, "model.keras"))  # as the project's training process does
     return {"trained_at": time.time(), "epochs": epochs, "n_fit": len(x), "n_validation": len(validation[0]),
-            "training_peak_rss_mib": _self_peak_mib()}
+            "training_peak_rss_mib": peak_rss_mib()}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -288,10 +288,6 @@ def summarise(runs: dict[str, list[dict]], larger: dict[str, dict]) -> dict[str,
 
 def _f(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-def _mmm(s: dict[str, float] | None) -> str:
-    return "n/a" if s is None else f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
 
 
 def print_tables(report: dict[str, Any]) -> None:
