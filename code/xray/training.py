@@ -146,7 +146,7 @@ def run_training(exp: Experiment, log=print) -> dict:
     p = check_before_training(exp, log)
     phases.mark("checks")
     staging = StagedFolder(exp.results_dir)  # removes what killed runs left beside it, model folders too
-    out_dir = staging.path
+    out_dir = staging.path  # made first: a results/ it creates is then its to remove on failure
     workdir = owned_folder(exp.results_dir, "model")  # the .keras file, until MLflow has logged it
     try:
         try:
