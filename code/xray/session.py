@@ -24,15 +24,12 @@ import tempfile
 import threading
 import warnings
 import zipfile
-
-from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
-
-from imagefeaturizer.shipping import is_connect, mark_package_shipped
-
-from .compat import check_cluster_versions, check_connect_versions
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # pyspark, pandas (by shipping and compat) load when a session starts: the CLI's list stays quick
+    from pyspark.sql import SparkSession
 
 _CODE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("imagefeaturizer", "xray")
@@ -71,6 +68,12 @@ def spark_session(settings: dict) -> SparkSession:
     this machine, this very interpreter. Off local mode the project's code reaches them only as
     the zip shipped with ``addPyFile`` (never through a PYTHONPATH of this machine).
     """
+    from pyspark.sql import SparkSession
+
+    from imagefeaturizer.shipping import mark_package_shipped
+
+    from .compat import check_cluster_versions
+
     spark_cfg = settings["spark"]
     master = spark_cfg["master"]
     conf = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in spark_cfg.get("conf", {}).items()}
@@ -119,6 +122,12 @@ def connect_session(spark_cfg: dict, conf: dict[str, str]) -> SparkSession:
     an existing server takes the runtime (SQL) settings only. The code reaches the server as an
     artifact (a Python dependency of this session), also for a local server.
     """
+    from pyspark.sql import SparkSession
+
+    from imagefeaturizer.shipping import mark_package_shipped
+
+    from .compat import check_connect_versions
+
     remote, master = str(spark_cfg["remote"]), spark_cfg["master"]
     url = master if remote == "local" and is_local(master) else remote
     builder = SparkSession.builder.remote(url).appName(spark_cfg["app_name"])
@@ -141,6 +150,10 @@ def connect_session(spark_cfg: dict, conf: dict[str, str]) -> SparkSession:
 def default_parallelism(spark) -> int:
     """How many tasks Spark runs at once by default: the SparkContext's in classic mode; on Spark
     Connect (no SparkContext) the partitions Spark gives a range."""
+    from pyspark.sql import functions as F
+
+    from imagefeaturizer.shipping import is_connect
+
     if is_connect(spark):
         return spark.range(0, 4096).select(F.spark_partition_id().alias("p")).agg(F.max("p")).first()[0] + 1
     return spark.sparkContext.defaultParallelism
