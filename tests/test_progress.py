@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from xray.progress import Progress
 
 
@@ -13,6 +15,11 @@ def test_fraction_counts_the_finished_tasks_of_the_group(spark):
             assert progress.fraction() == 0.0  # no job of the group yet
             assert sc.getLocalProperty("spark.jobGroup.id") == progress.group
             sc.parallelize(range(40), 4).map(lambda x: x * x).sum()  # one stage of 4 tasks, finished
+            # Spark's status store takes the tasks' end events from its listener bus a moment after
+            # the job returns (seconds on a busy machine): wait for them, then every task counts.
+            waited = time.monotonic() + 60
+            while progress.fraction() < 1.0 and time.monotonic() < waited:
+                time.sleep(0.05)
             assert progress.fraction() == 1.0
         assert sc.getLocalProperty("spark.jobGroup.id") == "outer"  # the caller's group is back
     finally:
