@@ -8,14 +8,13 @@ import os
 import shutil
 from collections import Counter
 
-import numpy as np
 import pytest
 from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from conftest import ROOT, make_dataset, tiny_overrides, xray_like
-from xray import reports, resize, run
+from xray import resize, run
 from xray.config import load_config
 from xray.data import list_dataset
 from xray.errors import DataError
@@ -37,7 +36,7 @@ def config():
 def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     exp = config.experiment("ResNet50_multiclass_classification", _overrides(tmp_path, dataset))
     logs = []
-    m = run_experiment(exp, log=logs.append)
+    run_experiment(exp, log=logs.append)
 
     # The resize step ran first: one mode, one size, same layout, raw folder untouched.
     for cls in ("Covid-19", "No_findings", "Pneumonia"):
@@ -97,61 +96,12 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     assert saved["split"]["groups"] == 18 and saved["split"]["grouped"] is True
     assert saved["near_duplicates"]["threshold"] == 0.995 and saved["reports"]["split"] == "split.csv"
 
-    # A second run reads every feature from the cache and reproduces the metrics exactly.
-    m2 = run_experiment(exp, log=logs.append)
-    assert m2["images_from_cache"] == 18 and m2["images_featurized"] == 0
-    for key in ("accuracy", "per_class", "confusion_matrix", "roc", "n_train", "n_test", "split", "near_duplicates"):
-        assert m2[key] == m[key]
-    assert list(csv.DictReader(open(tmp_path / "results" / exp.name / "split.csv", encoding="utf-8"))) == table
+    # A second run from the feature cache (the same metrics, split.csv) is the shared sweep's rerun of
+    # this experiment in tests/test_sweep_predict.py.
 
 
-@pytest.mark.slow
-def test_binary_uses_two_classes_and_binomial_and_its_results_folder_is_one_runs_whole(
-        spark, config, tmp_path, dataset, monkeypatch):
-    exp = config.experiment("ResNet50_binary_classification", _overrides(tmp_path, dataset))
-    m = run_experiment(exp, log=lambda *_: None)
-    assert m["classes"] == ["Covid-19", "No_findings"]
-    assert m["roc"]["kind"] == "binary" and m["roc"]["auc"] is not None
-    assert m["n_train"] + m["n_test"] == 12
-    model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
-    assert [type(s).__name__ for s in model.stages] == [
-        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"
-    ]
-    assert model.stages[2].numClasses == 2
-    assert np.isfinite(m["lr_objective_history"]).all()
-    _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, dataset, monkeypatch)
-
-
-def _files(folder) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
-
-
-def _assert_results_folder_is_one_runs_whole(config, exp, tmp_path, raw, monkeypatch):
-    """After ``exp`` ran: a rerun that dies right after saving its model leaves the folder as it
-    was (model, metrics.json and config.json of one run); a rerun that succeeds replaces all of it.
-    The features come from the cache: these reruns fit and write only."""
-    folder = tmp_path / "results" / exp.name
-    first = _files(folder)
-    assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # the process stops here: its model is saved, nothing else yet
-
-    other = config.experiment(exp.name, _overrides(tmp_path, raw, "classifier.regParam=0.5"))
-    monkeypatch.setattr(reports, "write_experiment_reports", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(other, log=lambda *_: None)
-    assert _files(folder) == first
-    assert os.listdir(tmp_path / "results") == [exp.name]  # no staging or old folder left
-
-    monkeypatch.undo()
-    (folder / "predictions.csv").write_text("of the first model\n")
-    m = run_experiment(other, log=lambda *_: None)
-    second = _files(folder)
-    assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
-    assert json.loads(second["metrics.json"])["config"]["classifier"]["regParam"] == 0.5 == m["config"]["classifier"]["regParam"]
-    assert json.loads(second["config.json"])["settings"]["classifier"]["regParam"] == 0.5
+# The binary experiment (two classes, binomial head) and its results folder being one run's whole
+# are checked on the shared sweep's run of it in tests/test_sweep_predict.py.
 
 
 def _patients_and_a_planted_copy(raw: str, pattern: str) -> tuple[str, str]:

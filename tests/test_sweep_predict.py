@@ -21,7 +21,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 
 from conftest import ROOT, make_dataset, png_bytes, xray_like
-from xray import explain, progress, tracking
+from xray import explain, progress, reports, tracking
 from xray.cli import main
 from xray.config import load_config
 from xray.errors import ConfigError, DataError
@@ -205,16 +205,76 @@ def test_cross_validation_on_training_folds(swept):
     assert set(cv["recall"]) == {"Covid-19", "No_findings", "Pneumonia"}
 
 
-def test_rerun_reproduces_metrics_exactly(swept):
-    exp = swept["config"].experiment(BINARY, swept["overrides"])
-    first = _metrics(swept, BINARY)
-    again = json.loads(json.dumps(run_experiment(exp, log=lambda *_: None), default=str))
-    assert again["images_from_cache"] == again["n_images"]  # features came from the cache
-    exact = VOLATILE | {"explanations"}
+def _assert_same_metrics(again, first, *also_volatile):
+    exact = VOLATILE | {"explanations", *also_volatile}
     assert {k: v for k, v in again.items() if k not in exact} == {k: v for k, v in first.items() if k not in exact}
     # The explanations' own seconds vary; their statistics are the same.
     assert {k: v for k, v in again["explanations"].items() if k != "seconds"} == {
         k: v for k, v in first["explanations"].items() if k != "seconds"}
+
+
+def test_rerun_reproduces_metrics_exactly(swept):
+    """A second run reads every feature from the cache and reproduces the metrics and split.csv
+    exactly (the multiclass experiment here; the binary one's rerun is the next test's)."""
+    exp = swept["config"].experiment(MULTI, swept["overrides"])
+    first, table = _metrics(swept, MULTI), _split_csv(swept, MULTI)
+    again = json.loads(json.dumps(run_experiment(exp, log=lambda *_: None), default=str))
+    assert again["images_from_cache"] == again["n_images"] == 18 and again["images_featurized"] == 0
+    _assert_same_metrics(again, first)
+    assert _split_csv(swept, MULTI) == table
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_binary_uses_two_classes_and_binomial_and_its_results_folder_is_one_runs_whole(swept, tmp_path, monkeypatch):
+    """The binary experiment's head is binomial over its two classes. Its results folder is one
+    run's whole, checked on a copy of it (features from the sweep's cache: these reruns fit and
+    write only): a rerun that dies right after saving its model leaves the folder as it was
+    (model, metrics.json and config.json of one run); a rerun that succeeds replaces all of it,
+    with the first run's metrics exactly."""
+    m = _metrics(swept, BINARY)
+    assert m["classes"] == ["Covid-19", "No_findings"]
+    assert m["roc"]["kind"] == "binary" and m["roc"]["auc"] is not None
+    assert m["n_train"] + m["n_test"] == 12
+    model = PipelineModel.load(str(swept["root"] / "results" / BINARY / "model"))
+    assert [type(s).__name__ for s in model.stages] == [
+        "StringIndexerModel", "KerasImageFeaturizer", "LogisticRegressionModel", "IndexToString"]
+    assert model.stages[2].numClasses == 2
+    assert np.isfinite(m["lr_objective_history"]).all()
+
+    results = tmp_path / "results"
+    folder = results / BINARY
+    # the folder as the sweep's run left it (later tests here add predictions and explanations)
+    shutil.copytree(swept["root"] / "results" / BINARY, folder,
+                    ignore=shutil.ignore_patterns("predictions.csv", "explanations"))
+    first = _files(folder)
+    assert {"metrics.json", "config.json"} <= set(first) and any(p.startswith("model/") for p in first)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops here: its model is saved, nothing else yet
+
+    here = [*swept["overrides"], f"results_dir={results}"]
+    monkeypatch.setattr(reports, "write_experiment_reports", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(swept["config"].experiment(BINARY, [*here, "classifier.regParam=0.5", "cv_folds=0"]), log=lambda *_: None)
+    assert _files(folder) == first
+    assert os.listdir(results) == [BINARY]  # no staging or old folder left
+
+    monkeypatch.undo()
+    (folder / "predictions.csv").write_text("of the first model\n")
+    again = json.loads(json.dumps(run_experiment(swept["config"].experiment(BINARY, here), log=lambda *_: None),
+                                  default=str))
+    second = _files(folder)
+    assert sorted({p.split(os.sep)[0] for p in second}) == sorted({p.split(os.sep)[0] for p in first})  # no stale file
+    for name, key in (("metrics.json", "config"), ("config.json", "settings")):  # the new run's, not the copied ones
+        assert json.loads(first[name])[key]["results_dir"] == str(swept["root"] / "results")
+        assert json.loads(second[name])[key]["results_dir"] == str(results) == again["config"]["results_dir"]
+    assert again["images_from_cache"] == again["n_images"] == 12 and again["images_featurized"] == 0
+    _assert_same_metrics(again, m, "config")
+    assert {**again["config"], "results_dir": ""} == {**m["config"], "results_dir": ""}
 
 
 def test_sweep_rejects_unknown_pattern_and_bad_set(swept):
@@ -374,10 +434,9 @@ def test_explain_another_class_into_the_default_folder_and_refusals(spark, swept
     assert any(str(default) in line for line in lines)  # the output folder is stated
     rows = list(csv.DictReader(open(default / "explanations.csv", encoding="utf-8")))
     assert [(r["path"], r["map_class"], r["cam_npy"]) for r in rows] == [(image, "Covid-19", "img3.cam.npy")]
-    by_class = {}
-    for name in ("Covid-19", "No_findings"):
-        run_explain(swept["config"], str(model_dir), image, str(tmp_path / name), name, swept["overrides"], log=lines.append)
-        by_class[name] = np.load(tmp_path / name / "img3.cam.npy")
+    run_explain(swept["config"], str(model_dir), image, str(tmp_path / "other"), "No_findings", swept["overrides"],
+                log=lines.append)
+    by_class = {"Covid-19": np.load(default / "img3.cam.npy"), "No_findings": np.load(tmp_path / "other" / "img3.cam.npy")}
     np.testing.assert_allclose(by_class["Covid-19"], -by_class["No_findings"], atol=1e-5)  # binomial: [-m, m]
     with pytest.raises(ConfigError, match="--class 'Lungs' is not a class of the model: expected one of Covid-19, No_findings"):
         run_explain(swept["config"], str(model_dir), image, None, "Lungs", swept["overrides"])
