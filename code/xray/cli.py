@@ -101,13 +101,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
+    exp = load_config(args.config).experiment(args.experiment, args.overrides)  # its errors before Spark's imports
+
     from .download import run_download
     from .reports import format_result
     from .resize import run_resize
     from .run import run_experiment
     from .training import is_trained, run_training
 
-    exp = load_config(args.config).experiment(args.experiment, args.overrides)
     if exp.job == "resize":
         run_resize(exp)
         return 0
