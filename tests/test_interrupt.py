@@ -132,10 +132,13 @@ def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
     _assert_a_whole_run(tmp_path, rerun, logs_before)
 
     # Not an interruption, but the same path from the workers to the terminal: weights whose shapes
-    # fit the backbone (the driver's check passes) and whose layers Keras cannot match fail in every Python
-    # worker; the terminal gets one line naming the log, the log the workers' tracebacks.
+    # fit the backbone (the driver's check passes) and whose layers Keras cannot match fail in the Python
+    # worker; the terminal gets one line naming the log, the log the worker's traceback. The TensorFlow
+    # engine, as auto falls back to for these weights (without first trying their OpenVINO export in a
+    # child process of its own), on one core (one worker builds the model and fails, not two at once).
     weights = _renamed_layer_weights(tmp_path)
-    failed = _run(*args, "--set", f"weights={weights}")
+    failed = _run(*args, *(arg for s in (f"weights={weights}", "engine=tensorflow", "spark.master=local[1]")
+                           for arg in ("--set", s)))
     assert failed.returncode == 2, failed.stderr[-3000:]
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1, failed.stderr
