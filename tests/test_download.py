@@ -8,14 +8,13 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import zipfile
 
 import pytest
 
-from conftest import CODE, ROOT, png_bytes, xray_like
+from conftest import ROOT, png_bytes, xray_like
 from xray.config import load_config
 from xray.download import download_dataset, run_download
 from xray.errors import DataError
@@ -220,17 +219,21 @@ def test_existing_folder_that_is_not_a_data_set_is_left_alone(server, tmp_path):
     assert os.listdir(raw) == ["notes.txt"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": CODE}
-    return subprocess.run(
-        [sys.executable, "-m", "xray", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+def _cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``python -m xray ARGS`` in this process (neither command starts Spark; a process of its own
+    would only add a Python start and the project's imports): its exit code and output."""
+    from xray.cli import main
+
+    capsys.readouterr()
+    code = main(["--config", os.path.join(ROOT, "config.yaml"), *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["xray", *args], code, out, err)
 
 
 @pytest.mark.slow
-def test_cli_download_job(server, tmp_path):
+def test_cli_download_job(server, tmp_path, capsys):
     raw = tmp_path / "raw"
-    done = _cli("run", "dataset_download", "--set", f"dataset.download_url={server.url('/data.tar.gz')}",
+    done = _cli(capsys, "run", "dataset_download", "--set", f"dataset.download_url={server.url('/data.tar.gz')}",
                 "--set", f"dataset.raw_dir={raw}")
     assert done.returncode == 0, done.stderr
     assert _tree(raw) == _expected_tree()
@@ -238,9 +241,9 @@ def test_cli_download_job(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_experiment_without_raw_data_downloads_first_and_fails_in_one_line(server, tmp_path):
+def test_experiment_without_raw_data_downloads_first_and_fails_in_one_line(server, tmp_path, capsys):
     raw = tmp_path / "raw"
-    done = _cli("run", "ResNet50_binary_classification", "--set", "weights=random",
+    done = _cli(capsys, "run", "ResNet50_binary_classification", "--set", "weights=random",
                 "--set", f"dataset.raw_dir={raw}", "--set", f"dataset.download_url={server.url('/gone.zip')}")
     assert done.returncode == 2
     assert server.requests[-1] == "/gone.zip"  # the experiment asked for the archive

@@ -109,7 +109,7 @@ def _files_and_times(folder) -> list[tuple[str, float]]:
     return sorted((os.path.join(d, n), os.path.getmtime(os.path.join(d, n))) for d, _, names in os.walk(folder) for n in names)
 
 
-def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
+def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path, random_extractor):
     raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=5)
     raw_before = _files_and_times(raw)
     args = ["run", EXPERIMENT, *_settings(tmp_path)]
@@ -132,10 +132,13 @@ def test_interrupted_runs_stop_cleanly_and_rerun_continues(tmp_path):
     _assert_a_whole_run(tmp_path, rerun, logs_before)
 
     # Not an interruption, but the same path from the workers to the terminal: weights whose shapes
-    # fit the backbone (the driver's check passes) and whose layers Keras cannot match fail in every Python
-    # worker; the terminal gets one line naming the log, the log the workers' tracebacks.
-    weights = _renamed_layer_weights(tmp_path)
-    failed = _run(*args, "--set", f"weights={weights}")
+    # fit the backbone (the driver's check passes) and whose layers Keras cannot match fail in the Python
+    # worker; the terminal gets one line naming the log, the log the worker's traceback. The TensorFlow
+    # engine, as auto falls back to for these weights (without first trying their OpenVINO export in a
+    # child process of its own), on one core (one worker builds the model and fails, not two at once).
+    weights = _renamed_layer_weights(tmp_path, random_extractor(MODEL).engine.model)
+    failed = _run(*args, *(arg for s in (f"weights={weights}", "engine=tensorflow", "spark.master=local[1]")
+                           for arg in ("--set", s)))
     assert failed.returncode == 2, failed.stderr[-3000:]
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1, failed.stderr
@@ -162,13 +165,13 @@ def _assert_a_whole_run(tmp_path, run: subprocess.CompletedProcess, logs_before:
     assert (tmp_path / "results" / EXPERIMENT / "model" / "stages").is_dir()
 
 
-def _renamed_layer_weights(tmp_path) -> str:
+def _renamed_layer_weights(tmp_path, model) -> str:
+    """``model``'s weights (the session's seeded random backbone without its top, built once for
+    several test files) with one layer renamed."""
     import h5py
 
-    from imagefeaturizer import backbones
-
     weights = str(tmp_path / "renamed.weights.h5")
-    backbones.build_model(MODEL, None, pooling=None).save_weights(weights)
+    model.save_weights(weights)
     with h5py.File(weights, "a") as f:
         f.move("layers/conv2d", "layers/renamed")
     return weights
