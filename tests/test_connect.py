@@ -55,7 +55,8 @@ def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path
     model_dir = str(tmp_path / "connect" / "results" / EXPERIMENT / "model")
     commands = [["--config", config_path, "run", EXPERIMENT, *settings],
                 ["--config", config_path, "predict", model_dir, str(raw), *settings]]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # nor this process' MLflow state (MLFLOW_TRACKING_URI is set here by the session's tracked run)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("MLFLOW_")}
     (tmp_path / "elsewhere").mkdir()
     proc = subprocess.run([sys.executable, "-c", _LAUNCH, CODE, json.dumps(commands)], cwd=tmp_path / "elsewhere",
                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
