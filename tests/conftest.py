@@ -121,6 +121,38 @@ def tiny_overrides(out, raw, *extra: str) -> list[str]:
     ]
 
 
+def tracked_overrides(out, *extra: str) -> list[str]:
+    """:func:`tiny_overrides` on ``out/raw`` with ``classifier.maxIter=5`` and MLflow on (its store under ``out``)."""
+    return tiny_overrides(out, os.path.join(str(out), "raw"), "classifier.maxIter=5", "tracking.mlflow=true",
+                          f"tracking.uri={os.path.join(str(out), 'store', 'mlruns.db')}", *extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_tracked_run(spark, tmp_path_factory):
+    """The ResNet50 binary experiment of :func:`tracked_overrides` on 6 generated images, run once
+    in this process' session: the reference of tests/test_tracking.py's fresh process and of
+    tests/test_connect.py's Connect run (a run and a pass of its model cost seconds each). Its
+    ``out`` folder, ``raw`` images, ``exp``, ``metrics``, ``logs`` and ``predictions`` (its saved
+    model on its resized images: path -> (predicted label, probabilities)). Read it, never change it."""
+    from pyspark.ml import PipelineModel
+
+    from xray.config import load_config
+    from xray.run import run_experiment
+
+    out = tmp_path_factory.mktemp("tiny_tracked_run")
+    raw = make_dataset(out / "raw", classes=("Covid-19", "No_findings"), per_class=3)
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment("ResNet50_binary_classification",
+                                                                     tracked_overrides(out))
+    logs: list[str] = []
+    metrics = run_experiment(exp, log=logs.append)
+    images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
+              .load(str(out / "resized")))
+    rows = (PipelineModel.load(os.path.join(exp.results_dir, "model")).transform(images)
+            .select("path", "predicted_label", "probability").collect())
+    predictions = {r.path: (r.predicted_label, r.probability.toArray()) for r in rows}
+    return types.SimpleNamespace(out=out, raw=raw, exp=exp, metrics=metrics, logs=logs, predictions=predictions)
+
+
 def cached_features(out) -> dict[str, np.ndarray]:
     """sha256 of each image -> its feature vector, from the feature cache under ``out``."""
     import glob
@@ -156,36 +188,6 @@ def feature_rows(spark, classes, per_class: int, noise: float, seed: int):
     schema = StructType([StructField("path", StringType()), StructField("label", StringType()),
                          StructField("features", VectorUDT())])
     return spark.createDataFrame(rows, schema)
-
-
-_FRESH_PREDICT = (
-    "import json, sys\n"
-    "from pyspark.sql import SparkSession\n"
-    "from pyspark.ml import PipelineModel\n"
-    "spark = SparkSession.builder.master('local[1]').config('spark.driver.host','127.0.0.1')"
-    ".config('spark.ui.enabled','false').getOrCreate()\n"
-    "out = []\n"
-    "for model_dir, images_dir in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-    "    m = PipelineModel.load(model_dir)\n"
-    "    df = spark.read.format('binaryFile').option('recursiveFileLookup','true').load(images_dir)\n"
-    "    rows = m.transform(df).select('path','predicted_label','probability').collect()\n"
-    "    out.append({r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows})\n"
-    "print(json.dumps(out))\n"
-)
-
-
-def predict_in_fresh_process(cwd, *models) -> list[dict]:
-    """For each ``(model_dir, images_dir)``: ``{path: [predicted_label, probabilities]}`` of the
-    saved PipelineModel on the image files under ``images_dir``, all loaded in ONE new Python
-    process (its own SparkSession): a second process costs a whole Spark and TensorFlow start."""
-    import json
-    import subprocess
-
-    args = [str(p) for pair in models for p in pair]
-    out = subprocess.run([sys.executable, "-c", _FRESH_PREDICT, *args],
-                         capture_output=True, text=True, timeout=600, cwd=str(cwd))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def keras_classifier_pipeline(keras_file: str, classes, image_size: int):

@@ -1,7 +1,7 @@
 """KerasImageClassifier: a saved Keras network as a Spark ML stage. Fast: the workers' body
 (classify_series) without Spark. Slow: one Spark test (predictions, bad images, a PipelineModel
 holding the .keras file saved through a file: URI); a fresh process loads it in
-tests/test_featurizer.py."""
+tests/test_tracking.py."""
 
 from __future__ import annotations
 
@@ -113,5 +113,5 @@ def _predictions(model, images) -> dict:
 
 
 # A saved pipeline that loads in a fresh process with identical predictions (the .keras file it
-# was built from deleted) is checked in tests/test_featurizer.py's fresh-process test, in the same
-# second process as the featurizer's pipeline (one Spark and TensorFlow start for both).
+# was built from deleted) is checked in tests/test_tracking.py's fresh-process test, in the same
+# second process as the app's saved folder and both logged models (one Spark and TensorFlow start for all).

@@ -1,11 +1,12 @@
 """Cluster mode: a real Spark standalone cluster (master + two workers) on 127.0.0.1.
 
 The experiment runs as a user runs it (``python -m xray run ... --set spark.master=spark://...``)
-in a subprocess, once in local mode and once on the cluster, where it loses a worker in the middle
-of featurization, and the results must agree. A driver program (``featurize_job.py``) featurizes
-on the cluster with a weights file that executors can only get as the copy the driver ships; this
-process' local session gives the features it must match. The cluster uses free ports and its own folder, so a user's cluster on 7077/8080 is
-never touched, and it is always stopped, even when a test fails.
+in a subprocess on the cluster, where it loses a worker in the middle of featurization, and must
+agree with the same experiment in local mode (in this process' session). Both use a weights file
+(not ``random``): the executors get the copy the driver shipped, named by its sha256, byte for
+byte. One cluster run carries both sets of checks (each run costs a Spark driver and executors
+that import the engine). The cluster uses free ports and its own folder, so a user's cluster on
+7077/8080 is never touched, and it is always stopped, even when a test fails.
 
 Also: how executors find the weights file (driver path or SparkFiles copy, sha256 checked), and
 the cluster command's errors.
@@ -26,7 +27,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import CODE, ROOT, FakeSession, cached_features, make_dataset, xray_like
+from conftest import CODE, ROOT, FakeSession, cached_features, make_dataset
 from imagefeaturizer import backbones
 from imagefeaturizer.featurizer import KerasImageFeaturizer
 from imagefeaturizer.images import decode_to_pil
@@ -40,10 +41,9 @@ from xray.run import run_experiment
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import procinfo  # noqa: E402 - the one copy of the /proc walking, in benchmarks/
 
-EXPERIMENT = "ResNet50_binary_classification"
+EXPERIMENT, BACKBONE = "ResNet50_binary_classification", "ResNet50"
 RUN_TIMEOUT_S = 900
 GATE_DAEMON_DIR = os.path.join(ROOT, "tests", "spark_gate")
-FEATURIZE_JOB = os.path.join(ROOT, "tests", "featurize_job.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +239,9 @@ def raw_images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("raw"), classes=("Covid-19", "No_findings"), per_class=8)
 
 
-def _overrides(raw: str, out) -> list[str]:
+def _overrides(raw: str, out, weights: str) -> list[str]:
     return [
-        "weights=random",
+        f"weights={weights}",
         f"dataset.raw_dir={raw}",
         f"dataset.resized_dir={out / 'resized'}",
         "dataset.image_size=64",
@@ -253,9 +253,9 @@ def _overrides(raw: str, out) -> list[str]:
     ]
 
 
-def _command(raw: str, out, master: str, spark_conf: dict[str, str] | None = None) -> list[str]:
+def _command(raw: str, out, weights: str, master: str, spark_conf: dict[str, str] | None = None) -> list[str]:
     overrides = [
-        *_overrides(raw, out),
+        *_overrides(raw, out, weights),
         f"spark.master={master}",
         "spark.driver_memory=1g",
         "spark.conf.spark.ui.enabled=false",
@@ -269,12 +269,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": CODE, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _start_run(raw: str, out, master: str, spark_conf=None) -> subprocess.Popen:
+def _start_run(raw: str, out, weights: str, master: str, spark_conf=None) -> subprocess.Popen:
     """The experiment in its own process; its output goes to files (a full pipe would stall it)."""
     os.makedirs(out, exist_ok=True)
     with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
         return subprocess.Popen(
-            _command(raw, out, master, spark_conf), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
+            _command(raw, out, weights, master, spark_conf), cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
             stdout=stdout, stderr=stderr, text=True,
         )
 
@@ -313,11 +313,23 @@ def _assert_same_results(got: dict, want: dict, out_got, out_want) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(spark, raw_images, tmp_path_factory):
+def weights_file(tmp_path_factory) -> str:
+    """The experiment's backbone without top, saved by Keras, with weights unlike ``weights="random"``."""
+    path = str(tmp_path_factory.mktemp("weights") / f"resnet50-{uuid.uuid4().hex[:8]}.weights.h5")
+    model = backbones.build_model(BACKBONE, None)
+    weights = model.get_weights()
+    weights[0] = weights[0] * 0.5  # the first convolution's kernel
+    model.set_weights(weights)
+    model.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_run(spark, raw_images, weights_file, tmp_path_factory):
     """The experiment in local mode, in this process' session (local[2]): what the cluster must give."""
     out = tmp_path_factory.mktemp("local")
-    run_experiment(load_config(os.path.join(ROOT, "config.yaml")).experiment(EXPERIMENT, _overrides(raw_images, out)),
-                   log=lambda *_: None)
+    exp = load_config(os.path.join(ROOT, "config.yaml")).experiment(EXPERIMENT, _overrides(raw_images, out, weights_file))
+    run_experiment(exp, log=lambda *_: None)
     with open(out / "results" / EXPERIMENT / "metrics.json", encoding="utf-8") as f:
         return json.load(f), out
 
@@ -355,68 +367,6 @@ def test_cli_start_is_idempotent_and_a_used_port_is_a_clear_error(cluster_settin
     assert len(cluster.alive_workers(cluster.master_state(cluster_settings))) == 2
 
 
-def _weights_file_unlike_random(path: str) -> None:
-    """VGG16 weights without top, saved by Keras, that give other features than ``weights="random"``."""
-    model = backbones.build_model("VGG16", None)
-    weights = model.get_weights()
-    weights[0] = weights[0] * 0.5  # the first convolution's kernel
-    model.set_weights(weights)
-    model.save_weights(path)
-
-
-def _featurize_job(master: str, images, cwd, *weights: str) -> dict:
-    out = os.path.join(str(cwd), f"features-{uuid.uuid4().hex}.json")
-    proc = subprocess.run([sys.executable, FEATURIZE_JOB, master, str(images), out, *weights], cwd=cwd, env=_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out, encoding="utf-8") as f:
-        return json.load(f)
-
-
-@pytest.mark.slow
-def test_a_weights_file_reaches_the_executors_as_the_driver_shipped_copy(spark, cluster_settings, tmp_path,
-                                                                         random_extractor):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        xray_like(i % 3, seed=i, size=(48 + 8 * i, 40), mode="RGB").save(images / f"im{i}.png")
-    # The driver names the file relative to its working folder, as a user may: executors work in
-    # folders of their own, where that path leads nowhere, so only the shipped copy can serve.
-    driver_dir = tmp_path / "driver"
-    (driver_dir / "models").mkdir(parents=True)
-    relative = os.path.join("models", f"vgg16-{uuid.uuid4().hex[:8]}.weights.h5")
-    _weights_file_unlike_random(str(driver_dir / relative))
-
-    # Local mode in this process (the file is readable where it is) against the cluster's driver program.
-    from_file = _local_features(spark, images, str(driver_dir / relative))
-    remote = _featurize_job(cluster_settings.master_url, images, driver_dir, relative)
-
-    assert sorted(from_file) == [f"im{i}.png" for i in range(4)]
-    reference = random_extractor("VGG16")  # weights="random" in this process: no Spark job, no exported model
-    from_random = reference.predict([reference.prepare(decode_to_pil((images / "im0.png").read_bytes()))], 1)[0]
-    assert not np.allclose(from_file["im0.png"], from_random, rtol=1e-3, atol=1e-3)  # the file was used
-    assert set(remote["features"][relative]) == set(from_file)
-    for name, vector in from_file.items():
-        np.testing.assert_allclose(remote["features"][relative][name], vector, rtol=1e-4, atol=1e-4)
-
-    # Each executor that ran a task fetched the copy into its working folder, byte for byte.
-    executors = glob.glob(os.path.join(cluster_settings.state_dir, "work", "worker-*", remote["app_id"], "*"))
-    assert executors and not any(os.path.exists(os.path.join(e, relative)) for e in executors)
-    driver_sha = backbones.file_sha256(str(driver_dir / relative))
-    shipped_as = shipped_name(relative, driver_sha)  # named by its sha256: no clash with another file's name
-    copies = [c for c in (os.path.join(e, shipped_as) for e in executors) if os.path.isfile(c)]
-    assert copies and {backbones.file_sha256(c) for c in copies} == {driver_sha}
-
-
-def _local_features(spark, images, weights: str) -> dict[str, list[float]]:
-    """File name -> VGG16 features, as ``featurize_job.py`` computes them, in this process' local session."""
-    df = spark.read.format("binaryFile").option("pathGlobFilter", "*.png").load(str(images))
-    featurizer = KerasImageFeaturizer(inputCol="content", outputCol="features", modelName="VGG16", weights=weights,
-                                      batchSize=4)
-    rows = featurizer.transform(df).select("path", "features").collect()
-    return {os.path.basename(r.path): r.features.toArray().tolist() for r in rows}
-
-
 def _gate_records(gate, kind: str) -> list[dict]:
     records = []
     for path in sorted(glob.glob(os.path.join(str(gate), kind, "*.json"))):
@@ -431,9 +381,11 @@ def _worker_of(record: dict, settings: cluster.ClusterSettings) -> str:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, raw_images, local_run, tmp_path):
+def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, raw_images, weights_file, local_run,
+                                                              tmp_path, random_extractor):
     """The experiment on the cluster (resize job, featurization, fit, explanations) matches local
-    mode, although a worker dies while it holds a featurization task, at a point the job itself signals.
+    mode, although a worker dies while it holds a featurization task, at a point the job itself
+    signals; its weights file reaches every executor as the copy the driver shipped.
 
     The Python tasks run under ``spark_gate/gate_daemon.py``: once one featurization task has
     finished, every task sent to a Python worker waits for the test's ``open`` file. The test
@@ -449,14 +401,18 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         "spark.executorEnv.XRAY_TEST_GATE": str(gate),
         "spark.default.parallelism": "16",  # images listed in 16 tasks (xray.data.load_images): one per featurization task
     }
+    driver_sha = backbones.file_sha256(weights_file)
+    shipped_as = shipped_name(weights_file, driver_sha)  # named by its sha256: no clash with another file's name
     # The whole experiment on the cluster, its resize job included (no Python task waits before
     # a featurization task is done).
-    proc = _start_run(raw_images, tmp_path, cluster_settings.master_url, spark_conf=conf)
+    proc = _start_run(raw_images, tmp_path, weights_file, cluster_settings.master_url, spark_conf=conf)
     try:
         _wait_until("a featurization task held at the gate", lambda: _gate_records(gate, "waiting"), proc)
         featurizing = glob.glob(str(tmp_path / "cache" / "*" / ".tmp-*"))  # the job's output folder
         victim = _worker_of(_gate_records(gate, "waiting")[0], cluster_settings)
-        zips = _shipped_zips(cluster_settings)  # the victim's, before its worker and folders go
+        # the victim's shipped files, before its worker and folders go
+        zips = _shipped(cluster_settings, "xray_featurizer_code.zip")
+        copies = _shipped_hashes(cluster_settings, shipped_as)
         killed = _kill_worker(cluster_settings, victim)
         (gate / "open").touch()
         got = _finish(proc, tmp_path)
@@ -475,19 +431,41 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
     assert "Lost executor" in jvm_log  # Spark saw the executor go (the JVM's output goes to the command's log)
     assert got["images_featurized"] == want["images_featurized"] == want["n_images"]
     _assert_same_results(got, want, tmp_path, out_local)
+    _assert_not_random_features(out_local, random_extractor)  # the weights file was used
 
     # It really ran on the cluster's executors, which got the project as the zip the driver
     # shipped (the workers run without PYTHONPATH, so nothing else could have imported it): the
     # victim's executor before the kill, the other one's, which ran the lost task again, after.
+    # Each got the weights file the same way: the driver's copy, byte for byte.
     state = cluster.master_state(cluster_settings)
     assert any(app["name"] == "xray-featurizer" for app in state["completedapps"])
+    rerun_by = _worker_of(reruns[0], cluster_settings)
     assert {victim, *(_worker_of(r, cluster_settings) for r in reruns)} == {"worker-1", "worker-2"}
-    assert zips.get(victim) and _shipped_zips(cluster_settings).get(_worker_of(reruns[0], cluster_settings))
+    assert zips.get(victim) and _shipped(cluster_settings, "xray_featurizer_code.zip").get(rerun_by)
+    assert copies.get(victim) == {driver_sha}
+    assert _shipped_hashes(cluster_settings, shipped_as).get(rerun_by) == {driver_sha}
 
 
-def _shipped_zips(settings: cluster.ClusterSettings) -> dict[str, list[str]]:
-    """``worker-N`` -> the project's zips in its executors' working folders."""
+def _assert_not_random_features(out, random_extractor) -> None:
+    """The features cached under ``out`` (by the sha256 of each resized image) are not the
+    features of ``weights="random"`` (this process' extractor: no Spark job, no exported model)."""
+    reference = random_extractor(BACKBONE)
+    resized = sorted(glob.glob(str(out / "resized" / "*" / "*.png")))
+    from_random = reference.predict([reference.prepare(decode_to_pil(open(p, "rb").read())) for p in resized], 8)
+    cached = cached_features(out)
+    assert len(resized) == len(cached)
+    for path, vector in zip(resized, from_random):
+        assert not np.allclose(cached[backbones.file_sha256(path)], vector, rtol=1e-3, atol=1e-3), path
+
+
+def _shipped_hashes(settings: cluster.ClusterSettings, name: str) -> dict[str, set[str]]:
+    """``worker-N`` -> the sha256 of each file called ``name`` in its executors' working folders."""
+    return {worker: {backbones.file_sha256(p) for p in paths} for worker, paths in _shipped(settings, name).items()}
+
+
+def _shipped(settings: cluster.ClusterSettings, name: str) -> dict[str, list[str]]:
+    """``worker-N`` -> the files called ``name`` in its executors' working folders."""
     found: dict[str, list[str]] = {}
-    for path in glob.glob(os.path.join(settings.state_dir, "work", "worker-*", "app-*", "*", "xray_featurizer_code.zip")):
+    for path in glob.glob(os.path.join(settings.state_dir, "work", "worker-*", "app-*", "*", name)):
         found.setdefault(path.split(os.sep)[-4], []).append(path)
     return found

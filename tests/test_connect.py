@@ -1,4 +1,5 @@
-"""Spark Connect: one small experiment through a local Spark Connect server equals classic mode.
+"""Spark Connect: one small experiment through a local Spark Connect server equals classic mode
+(the session's ``tiny_tracked_run``: the same experiment and images, run in this process).
 
 The Connect run (and a ``predict`` with its model) is its own process (``spark.remote: local`` starts a server in the client's JVM;
 this test process holds a classic SparkContext). That process gets no PYTHONPATH and works in
@@ -17,18 +18,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CODE, ROOT, cached_features, make_dataset, tiny_overrides
-from xray.config import load_config
-from xray.run import run_experiment
+from conftest import CODE, ROOT, cached_features, tiny_overrides
 
 EXPERIMENT = "ResNet50_binary_classification"
 # Runs ``python -m xray`` commands one after the other in one process (one Connect session).
 _LAUNCH = ("import json, sys; sys.path.insert(0, sys.argv[1]); from xray.cli import main; "
            "sys.exit(next((code for code in map(main, json.loads(sys.argv[2])) if code), 0))")
-
-
-def _overrides(tmp_path, raw, mode):
-    return tiny_overrides(tmp_path / mode, raw, "classifier.maxIter=5")
 
 
 def _key(path: str) -> str:
@@ -47,21 +42,21 @@ def _predictions(spark, model_dir: str, images: str) -> dict:
 
 
 @pytest.mark.slow
-def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path):
-    raw = make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
+def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path, tiny_tracked_run):
+    reference = tiny_tracked_run  # classic mode, in this process' session: the same experiment and images
+    assert reference.exp.name == EXPERIMENT
+    raw, classic = reference.raw, reference.metrics
     config_path = os.path.join(ROOT, "config.yaml")
-    classic = run_experiment(load_config(config_path).experiment(EXPERIMENT, _overrides(tmp_path, raw, "classic")),
-                             log=lambda *_: None)
-
     store = tmp_path / "mlruns.db"
     settings = []
-    for assignment in [*_overrides(tmp_path, raw, "connect"), "spark.remote=local", "spark.master=local[2]",
-                       "tracking.mlflow=true", f"tracking.uri={store}"]:
+    for assignment in [*tiny_overrides(tmp_path / "connect", raw, "classifier.maxIter=5"), "spark.remote=local",
+                       "spark.master=local[2]", "tracking.mlflow=true", f"tracking.uri={store}"]:
         settings += ["--set", assignment]
     model_dir = str(tmp_path / "connect" / "results" / EXPERIMENT / "model")
     commands = [["--config", config_path, "run", EXPERIMENT, *settings],
                 ["--config", config_path, "predict", model_dir, str(raw), *settings]]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # nor this process' MLflow state (MLFLOW_TRACKING_URI is set here by the session's tracked run)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("MLFLOW_")}
     (tmp_path / "elsewhere").mkdir()
     proc = subprocess.run([sys.executable, "-c", _LAUNCH, CODE, json.dumps(commands)], cwd=tmp_path / "elsewhere",
                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
@@ -69,7 +64,7 @@ def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path
     connect = json.loads((tmp_path / "connect" / "results" / EXPERIMENT / "metrics.json").read_text())
 
     # The same features, bit for bit, and the same split and metrics.
-    want, got = cached_features(tmp_path / "classic"), cached_features(tmp_path / "connect")
+    want, got = cached_features(reference.out), cached_features(tmp_path / "connect")
     assert len(want) == 6 and got.keys() == want.keys()
     for sha, vector in want.items():
         np.testing.assert_array_equal(got[sha], vector)
@@ -79,9 +74,8 @@ def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path
     assert connect["roc"]["auc"] == pytest.approx(classic["roc"]["auc"], abs=1e-9)
 
     # The model the Connect run saved loads in classic mode and predicts as the classic one.
-    images = str(tmp_path / "classic" / "resized")
-    from_connect = _predictions(spark, model_dir, images)
-    from_classic = _predictions(spark, str(tmp_path / "classic" / "results" / EXPERIMENT / "model"), images)
+    from_connect = _predictions(spark, model_dir, str(reference.out / "resized"))
+    from_classic = {_key(path): prediction for path, prediction in reference.predictions.items()}
     assert from_connect.keys() == from_classic.keys()
     for key, (label, probability) in from_classic.items():
         assert from_connect[key][0] == label

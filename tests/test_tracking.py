@@ -1,6 +1,7 @@
 """MLflow tracking: what a run logs, sweeps as parent runs, the store check, and the logged model
 loading in a fresh process (with the run's saved Pipeline folder: the suite's fresh-process
-save/load round trip; and a trained network's logged model, in the same process)."""
+save/load round trip; and a trained network's logged model and its Pipeline saved to a plain
+folder, in the same process: each fresh process costs a Spark and TensorFlow start)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_dataset, tiny_overrides
+from conftest import ROOT, make_dataset, tracked_overrides
 from xray import tracking
 from xray.cli import main as xray_main
 from xray.config import load_config
@@ -20,13 +21,8 @@ from xray.config import load_config
 BINARY, MULTI = "ResNet50_binary_classification", "ResNet50_multiclass_classification"
 
 
-def _overrides(tmp_path, *extra):
-    return tiny_overrides(tmp_path, tmp_path / "raw", "classifier.maxIter=5", "tracking.mlflow=true",
-                          f"tracking.uri={tmp_path / 'store' / 'mlruns.db'}", *extra)
-
-
 def _experiment(tmp_path, name=BINARY, *extra):
-    return load_config(os.path.join(ROOT, "config.yaml")).experiment(name, _overrides(tmp_path, *extra))
+    return load_config(os.path.join(ROOT, "config.yaml")).experiment(name, tracked_overrides(tmp_path, *extra))
 
 
 def test_store_uri_is_a_sqlite_file_under_the_project_by_default(tmp_path):
@@ -42,7 +38,7 @@ def test_store_uri_is_a_sqlite_file_under_the_project_by_default(tmp_path):
 def test_unreachable_store_stops_the_run_in_one_line_before_spark(tmp_path, capsys):
     make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=2)
     args = ["run", BINARY]
-    for assignment in _overrides(tmp_path, "tracking.uri=http://127.0.0.1:9"):  # the discard port: refused
+    for assignment in tracked_overrides(tmp_path, "tracking.uri=http://127.0.0.1:9"):  # the discard port: refused
         args += ["--set", assignment]
     assert xray_main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -136,20 +132,24 @@ rows = model.transform(images).select("path", "predicted_label", "probability").
 # The run's own saved folder too, as PipelineModel.load reads it (the project now importable).
 from pyspark.ml import PipelineModel
 folder = PipelineModel.load(sys.argv[4]).transform(images).select("path", "predicted_label", "probability").collect()
-# A trained network's logged model (KerasImageClassifier holding its .keras file).
+# A trained network's logged model (KerasImageClassifier holding its .keras file), and the same
+# Pipeline saved to a plain folder (PipelineModel.write), its .keras file deleted.
 network = mlflow.spark.load_model(sys.argv[5]).transform(images).select("path", "predicted_label", "probability").collect()
+network_folder = PipelineModel.load(sys.argv[6]).transform(images).select("path", "predicted_label", "probability").collect()
 print(json.dumps({"package": imagefeaturizer.__file__,
                   "rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows},
                   "folder_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in folder},
-                  "network_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in network}}))
+                  "network_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in network},
+                  "network_folder_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()]
+                                          for r in network_folder}}))
 """
 
 
-def _log_network(tmp_path, images) -> tuple[str, dict]:
+def _log_network(tmp_path, images, store: str) -> tuple[str, str, dict]:
     """A SmallCNN network's model as a training run saves it (StringIndexerModel,
-    KerasImageClassifier, IndexToString), logged by the call a training run makes: (its model
-    URI, its predictions here). Its own .keras file is deleted after logging (the logged model
-    holds a copy)."""
+    KerasImageClassifier, IndexToString), logged by the call a training run makes and saved to a
+    plain folder: (its model URI in the tracking store ``store``, the folder, its predictions
+    here). Its own .keras file is deleted after both (the logged model and the folder hold a copy)."""
     from conftest import keras_classifier_pipeline
     from imagefeaturizer import networks
 
@@ -157,49 +157,42 @@ def _log_network(tmp_path, images) -> tuple[str, dict]:
     keras_file = str(tmp_path / "network.keras")
     networks.build_network(spec)[0].save(keras_file)
     model = keras_classifier_pipeline(keras_file, ["Covid-19", "No_findings"], 32)
-    exp = _experiment(tmp_path, "SmallCNN_binary_scratch")
+    exp = _experiment(tmp_path, "SmallCNN_binary_scratch", f"tracking.uri={store}")
     logs: list[str] = []
     tracking.log_experiment(exp, {**_result(exp, 0.5), "method": "scratch"}, model, logs.append)
     want = {r.path: (r.predicted_label, r.probability.toArray())
             for r in model.transform(images).select("path", "predicted_label", "probability").collect()}
+    folder = str(tmp_path / "network_model")
+    model.write().save(folder)
     os.remove(keras_file)
-    return next(line for line in logs if line.startswith("MLflow: run ")).split("model: ")[1], want
+    return next(line for line in logs if line.startswith("MLflow: run ")).split("model: ")[1], folder, want
 
 
 @pytest.mark.slow
-def test_the_logged_model_loads_in_a_fresh_process_and_predicts_the_same(spark, tmp_path):
-    from pyspark.ml import PipelineModel
-
-    from xray.run import run_experiment
-
-    make_dataset(tmp_path / "raw", classes=("Covid-19", "No_findings"), per_class=3)
-    exp = _experiment(tmp_path)
-    logs: list[str] = []
-    run_experiment(exp, log=logs.append)
-    line = next(line for line in logs if line.startswith("MLflow: run "))
-    uri = line.split("model: ")[1]
-
+def test_the_logged_model_loads_in_a_fresh_process_and_predicts_the_same(spark, tmp_path, tiny_tracked_run):
+    run = tiny_tracked_run  # the experiment, MLflow on, run in this process' session (shared with test_connect)
+    exp, want = run.exp, run.predictions
+    uri = next(line for line in run.logs if line.startswith("MLflow: run ")).split("model: ")[1]
     images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
-              .load(str(tmp_path / "resized")))
-    saved = PipelineModel.load(os.path.join(exp.results_dir, "model"))
-    want = {r.path: (r.predicted_label, r.probability.toArray())
-            for r in saved.transform(images).select("path", "predicted_label", "probability").collect()}
-    network_uri, network_want = _log_network(tmp_path, images)
+              .load(str(run.out / "resized")))
+    network_uri, network_folder, network_want = _log_network(tmp_path, images, exp.settings["tracking"]["uri"])
 
     # A fresh process that has never seen this project: no PYTHONPATH, another working folder.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, tracking.store_uri(exp.settings, exp.base_dir), uri,
-                           str(tmp_path / "resized"), os.path.join(exp.results_dir, "model"), network_uri], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
+                           str(run.out / "resized"), os.path.join(exp.results_dir, "model"), network_uri, network_folder],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["package"].startswith(os.path.join(ROOT, "code"))  # the model's own copy of the code
     assert len(want) == 6
-    # the logged model, the saved folder loaded as it is, and the trained network's logged model
-    for rows, expected in ((got["rows"], want), (got["folder_rows"], want), (got["network_rows"], network_want)):
+    # the logged model, the saved folder loaded as it is, and the trained network's logged model and folder
+    for rows, expected, network in ((got["rows"], want, False), (got["folder_rows"], want, False),
+                                    (got["network_rows"], network_want, True),
+                                    (got["network_folder_rows"], network_want, True)):
         assert rows.keys() == expected.keys()
         for path, (label, probability) in expected.items():
             assert rows[path][0] == label
             # float32 sums in another batch layout (local[1] there) may differ in the last bit
-            np.testing.assert_allclose(rows[path][1], probability, rtol=1e-5 if rows is got["network_rows"] else 1e-6,
-                                       atol=1e-6 if rows is got["network_rows"] else 1e-9)
+            np.testing.assert_allclose(rows[path][1], probability, rtol=1e-5 if network else 1e-6,
+                                       atol=1e-6 if network else 1e-9)
