@@ -46,6 +46,10 @@ DEFAULT_ENGINE = "tensorflow"
 AUTO = "auto"
 
 
+class EngineError(RuntimeError):
+    """The engine asked for cannot run here (not installed, export failed); the message names the fix."""
+
+
 @dataclass(frozen=True)
 class ThreadSettings:
     intra_op: int  # threads inside one operation (a convolution)

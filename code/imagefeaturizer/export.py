@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import backbones
-from .engines import AUTO, TensorFlowEngine, choose_auto, engine_class
+from .engines import AUTO, EngineError, TensorFlowEngine, choose_auto, engine_class
 from .shipping import session_key, ship_file
 
 EXPORT_FORMAT = 1
@@ -51,10 +51,6 @@ EXPORT_FORMAT = 1
 MODEL_CACHE_ENV = "IMAGEFEATURIZER_MODEL_CACHE"
 MANIFEST = "export.json"
 _LOG = logging.getLogger("imagefeaturizer")
-
-
-class EngineError(RuntimeError):
-    """The engine asked for cannot run here (not installed, export failed); the message names the fix."""
 
 
 class ExportError(EngineError):

@@ -18,6 +18,7 @@ import time
 import traceback
 
 from imagefeaturizer.backbones import WeightsError
+from imagefeaturizer.engines import EngineError
 
 from . import session
 from .config import load_config, parse_set
@@ -177,20 +178,12 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line on the terminal, the details in the log
         if session.interrupted():  # an error while Ctrl-C stopped Spark is the interruption's
             return _interrupted(log)
-        if _user_error(exc):  # found here, before or without Spark: no details
+        if isinstance(exc, (UserError, WeightsError, EngineError)):  # found here, before or without Spark: no details
             print(f"error: {exc}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)
         return _failed(exc, log)
     finally:
         _stop_log(log)
-
-
-def _user_error(exc: Exception) -> bool:
-    """An error the user can fix: a UserError, a weights file or an engine that does not fit.
-    ``EngineError``'s module (it imports pandas) is not imported here only for this check: when
-    nothing imported it, no EngineError was raised (``list`` and the config errors stay quick)."""
-    export = sys.modules.get("imagefeaturizer.export")
-    return isinstance(exc, (UserError, WeightsError)) or (export is not None and isinstance(exc, export.EngineError))
 
 
 def _caller_path(path: str) -> str:
