@@ -134,8 +134,6 @@ def tiny_tracked_run(spark, tmp_path_factory):
     tests/test_connect.py's Connect run (a run and a pass of its model cost seconds each). Its
     ``out`` folder, ``raw`` images, ``exp``, ``metrics``, ``logs`` and ``predictions`` (its saved
     model on its resized images: path -> (predicted label, probabilities)). Read it, never change it."""
-    from pyspark.ml import PipelineModel
-
     from xray.config import load_config
     from xray.run import run_experiment
 
@@ -145,12 +143,24 @@ def tiny_tracked_run(spark, tmp_path_factory):
                                                                      tracked_overrides(out))
     logs: list[str] = []
     metrics = run_experiment(exp, log=logs.append)
-    images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
-              .load(str(out / "resized")))
-    rows = (PipelineModel.load(os.path.join(exp.results_dir, "model")).transform(images)
-            .select("path", "predicted_label", "probability").collect())
-    predictions = {r.path: (r.predicted_label, r.probability.toArray()) for r in rows}
+    predictions = saved_model_predictions(spark, os.path.join(exp.results_dir, "model"), str(out / "resized"))
     return types.SimpleNamespace(out=out, raw=raw, exp=exp, metrics=metrics, logs=logs, predictions=predictions)
+
+
+def png_files(spark, folder: str):
+    """The PNG files under ``folder`` (any depth) as Spark's binaryFile rows."""
+    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
+            .load(folder))
+
+
+def saved_model_predictions(spark, model_dir: str, images_dir: str) -> dict:
+    """Path -> (predicted label, probabilities) of the PipelineModel saved in ``model_dir`` on the
+    PNG files under ``images_dir``."""
+    from pyspark.ml import PipelineModel
+
+    rows = (PipelineModel.load(model_dir).transform(png_files(spark, images_dir))
+            .select("path", "predicted_label", "probability").collect())
+    return {r.path: (r.predicted_label, r.probability.toArray()) for r in rows}
 
 
 def cached_features(out) -> dict[str, np.ndarray]:

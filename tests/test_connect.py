@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CODE, ROOT, cached_features, tiny_overrides
+from conftest import CODE, ROOT, cached_features, saved_model_predictions, tiny_overrides
 
 EXPERIMENT = "ResNet50_binary_classification"
 # Runs ``python -m xray`` commands one after the other in one process (one Connect session).
@@ -30,15 +30,6 @@ def _key(path: str) -> str:
     """``<file name without extension>|<class folder>``: a raw image and its resized PNG alike."""
     folder, name = path.rsplit("/", 2)[-2:]
     return f"{os.path.splitext(name)[0]}|{folder}"
-
-
-def _predictions(spark, model_dir: str, images: str) -> dict:
-    """Image (:func:`_key`) -> (predicted label, probabilities) of a saved model."""
-    from pyspark.ml import PipelineModel
-
-    df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(images)
-    rows = PipelineModel.load(model_dir).transform(df).select("path", "predicted_label", "probability").collect()
-    return {_key(r.path): (r.predicted_label, r.probability.toArray()) for r in rows}
 
 
 @pytest.mark.slow
@@ -74,7 +65,8 @@ def test_an_experiment_through_spark_connect_equals_classic_mode(spark, tmp_path
     assert connect["roc"]["auc"] == pytest.approx(classic["roc"]["auc"], abs=1e-9)
 
     # The model the Connect run saved loads in classic mode and predicts as the classic one.
-    from_connect = _predictions(spark, model_dir, str(reference.out / "resized"))
+    from_connect = {_key(path): prediction
+                    for path, prediction in saved_model_predictions(spark, model_dir, str(reference.out / "resized")).items()}
     from_classic = {_key(path): prediction for path, prediction in reference.predictions.items()}
     assert from_connect.keys() == from_classic.keys()
     for key, (label, probability) in from_classic.items():

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_dataset, tracked_overrides
+from conftest import ROOT, make_dataset, png_files, tracked_overrides
 from xray import tracking
 from xray.cli import main as xray_main
 from xray.config import load_config
@@ -128,20 +128,22 @@ model = mlflow.spark.load_model(sys.argv[2])
 import imagefeaturizer
 images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
           .load(sys.argv[3]))
-rows = model.transform(images).select("path", "predicted_label", "probability").collect()
+
+
+def predictions(model):
+    rows = model.transform(images).select("path", "predicted_label", "probability").collect()
+    return {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows}
+
+
+out = {"package": imagefeaturizer.__file__, "rows": predictions(model)}
 # The run's own saved folder too, as PipelineModel.load reads it (the project now importable).
 from pyspark.ml import PipelineModel
-folder = PipelineModel.load(sys.argv[4]).transform(images).select("path", "predicted_label", "probability").collect()
+out["folder_rows"] = predictions(PipelineModel.load(sys.argv[4]))
 # A trained network's logged model (KerasImageClassifier holding its .keras file), and the same
 # Pipeline saved to a plain folder (PipelineModel.write), its .keras file deleted.
-network = mlflow.spark.load_model(sys.argv[5]).transform(images).select("path", "predicted_label", "probability").collect()
-network_folder = PipelineModel.load(sys.argv[6]).transform(images).select("path", "predicted_label", "probability").collect()
-print(json.dumps({"package": imagefeaturizer.__file__,
-                  "rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in rows},
-                  "folder_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in folder},
-                  "network_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()] for r in network},
-                  "network_folder_rows": {r.path: [r.predicted_label, r.probability.toArray().tolist()]
-                                          for r in network_folder}}))
+out["network_rows"] = predictions(mlflow.spark.load_model(sys.argv[5]))
+out["network_folder_rows"] = predictions(PipelineModel.load(sys.argv[6]))
+print(json.dumps(out))
 """
 
 
@@ -173,8 +175,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_predicts_the_same(spark, 
     run = tiny_tracked_run  # the experiment, MLflow on, run in this process' session (shared with test_connect)
     exp, want = run.exp, run.predictions
     uri = next(line for line in run.logs if line.startswith("MLflow: run ")).split("model: ")[1]
-    images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png")
-              .load(str(run.out / "resized")))
+    images = png_files(spark, str(run.out / "resized"))
     network_uri, network_folder, network_want = _log_network(tmp_path, images, exp.settings["tracking"]["uri"])
 
     # A fresh process that has never seen this project: no PYTHONPATH, another working folder.
