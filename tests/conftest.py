@@ -32,6 +32,43 @@ if CODE not in sys.path:
     sys.path.insert(0, CODE)
 
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts: ``-n 2``; ``-n 0`` runs it in
+# this process): one at a time, its processes left 2 cores about half idle. A worker takes a test
+# module whole, so its module fixtures are built once; these modules go with another one, whose
+# session fixture they also read, so that it is built once too.
+SHARED_UNITS = {"test_connect": "test_tracking"}  # both read tiny_tracked_run
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test: its module's name, or the module it shares a fixture with."""
+    module = os.path.splitext(os.path.basename(nodeid.split("::", 1)[0]))[0]
+    return SHARED_UNITS.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own choice of scheduler
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker, the order in which the work units are handed out: the units with the
+    most slow tests first and the fast modules last, so that both workers finish together (with
+    ``--no-loadscope-reorder``, xdist keeps this order). A run without workers keeps pytest's."""
+    if not hasattr(config, "workerinput"):
+        return
+    units: dict[str, list] = {}
+    for item in items:
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+    slow = {unit: sum(1 for item in members if item.get_closest_marker("slow")) for unit, members in units.items()}
+    items[:] = [item for unit in sorted(units, key=lambda u: -slow[u]) for item in units[unit]]
+
+
 @pytest.fixture(scope="session")
 def spark():
     from pyspark.sql import SparkSession
