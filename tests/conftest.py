@@ -18,6 +18,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CODE, os.environ.get("PYT
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# On a GPU machine the two xdist workers, their Spark workers and subprocesses share the GPUs:
+# each TensorFlow process takes GPU memory as it needs it, not all of it at start.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 os.environ.pop("XRAY_CONFIG", None)  # tests name their config files themselves
 # Exported models (engine auto/openvino) go where runs put them, cache/models of the repository
 # (git-ignored), for the library's default too: each backbone is exported once, not once per test.
