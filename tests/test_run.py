@@ -13,7 +13,7 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from conftest import ROOT, make_dataset, tiny_overrides, xray_like
+from conftest import ROOT, make_dataset, png_files, tiny_overrides, xray_like
 from xray import resize, run
 from xray.config import load_config
 from xray.data import list_dataset
@@ -78,8 +78,7 @@ def test_multiclass_experiment_end_to_end(spark, config, tmp_path, dataset):
     # The saved PipelineModel, applied to the test split's image files, reproduces the accuracy.
     model = PipelineModel.load(str(tmp_path / "results" / exp.name / "model"))
     images = (
-        spark.read.format("binaryFile").option("pathGlobFilter", "*.png").option("recursiveFileLookup", "true")
-        .load(str(tmp_path / "resized"))
+        png_files(spark, str(tmp_path / "resized"))
         .withColumn("label", F.regexp_extract("path", r"/([^/]+)/[^/]+$", 1))
     )
     test_rows = with_split(images, exp["seed"], exp["test_fraction"], group_pattern=exp.group_pattern)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pyspark.ml import PipelineModel
 
-from conftest import ROOT, make_dataset, png_bytes, xray_like
+from conftest import ROOT, make_dataset, png_bytes, png_files, xray_like
 from xray import explain, progress, reports, tracking
 from xray.cli import main
 from xray.config import load_config
@@ -311,8 +311,7 @@ def test_predict_folder_matches_training_preprocessing(spark, swept, tmp_path, c
 
     # The raw files, normalised by predict, get the probabilities the model gives the resized training files.
     model = PipelineModel.load(str(swept["root"] / "results" / MULTI / "model"))
-    resized = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(
-        str(swept["root"] / "resized"))
+    resized = png_files(spark, str(swept["root"] / "resized"))
     expected = {
         tuple(r.path.rsplit("/", 2)[-2:]): r.probability.toArray()
         for r in model.transform(resized).select("path", "probability").collect()
@@ -343,8 +342,7 @@ def test_predict_with_a_trained_network_matches_its_saved_model(spark, swept, tm
     assert len(rows) == 6 and not any(r["error"] for r in rows)
     model = PipelineModel.load(str(swept["root"] / "results" / SCRATCH / "model"))
     assert [type(s).__name__ for s in model.stages] == ["StringIndexerModel", "KerasImageClassifier", "IndexToString"]
-    resized = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", "*.png").load(
-        str(swept["root"] / "resized" / "Pneumonia"))
+    resized = png_files(spark, str(swept["root"] / "resized" / "Pneumonia"))
     expected = {tuple(r.path.rsplit("/", 2)[-2:]): (r.predicted_label, r.probability.toArray())
                 for r in model.transform(resized).select("path", "predicted_label", "probability").collect()}
     for r in rows:
