@@ -90,27 +90,68 @@ def test_a_damaged_export_is_detected_and_exported_again(tmp_path, fake_exporter
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(first.folder)]  # the damaged copy is gone
 
 
-def test_concurrent_exporters_leave_one_complete_export(tmp_path, monkeypatch):
-    both_started = threading.Barrier(2)
+def test_a_second_exporter_of_the_same_model_waits_and_uses_the_first_ones_export(tmp_path, monkeypatch):
+    """Two exporters at once (threads here; processes take the same file lock): the second says it
+    waits, the export runs once, both get it, and no lock or temporary file is left."""
+    exporting, second_waits = threading.Event(), threading.Event()
+    calls = []
 
-    def slow(model_name, weights_path, engine, folder, stem):
-        both_started.wait(timeout=30)  # both export at once; each in its own temporary folder
+    def held(model_name, weights_path, engine, folder, stem):
+        calls.append(folder)
+        exporting.set()
+        assert second_waits.wait(timeout=60)  # the second exporter is blocked on the lock by now
         for name in OpenVinoEngine.export_files(stem):
             with open(os.path.join(folder, name), "w") as f:
-                f.write(f"{name} from {threading.get_ident()}")
+                f.write(name)
         return 0.1
 
-    monkeypatch.setattr(export, "run_exporter", slow)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(exported_model("VGG16", None, None, "openvino",
-                                                                             str(tmp_path)))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(results) == 2 and results[0].sha256 == results[1].sha256  # both use the winner's files
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(results[0].folder)]
-    assert [backbones.file_sha256(f) for f in results[0].files] == list(results[0].sha256)
+    monkeypatch.setattr(export, "run_exporter", held)
+    results, lines = {}, []
+
+    def second_log(line):
+        lines.append(line)
+        if "waiting for it" in line:
+            second_waits.set()
+
+    first = threading.Thread(target=lambda: results.update(first=exported_model("VGG16", None, None, "openvino",
+                                                                                str(tmp_path))))
+    first.start()
+    assert exporting.wait(timeout=60)
+    second = threading.Thread(target=lambda: results.update(second=exported_model("VGG16", None, None, "openvino",
+                                                                                  str(tmp_path), log=second_log)))
+    second.start()
+    for t in (first, second):
+        t.join(timeout=120)
+    assert len(calls) == 1 and results["first"].exported_now and not results["second"].exported_now
+    assert results["first"].sha256 == results["second"].sha256
+    assert any(line.startswith("another process is exporting ") for line in lines)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(results["first"].folder)]
+    assert [backbones.file_sha256(f) for f in results["first"].files] == list(results["first"].sha256)
+
+
+def test_an_export_put_in_place_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Without the lock (no ``fcntl``), two exporters may both export: the first rename wins and the
+    other exporter drops its own folder and uses the winner's."""
+    monkeypatch.setattr(export, "fcntl", None)
+
+    def raced(model_name, weights_path, engine, folder, stem):
+        final = os.path.join(os.path.dirname(folder), stem)
+        if not os.path.exists(final):  # another exporter finishes first, with other content
+            winner = tmp_path / "winner"
+            winner.mkdir()
+            for name in OpenVinoEngine.export_files(stem):
+                (winner / name).write_text(f"{name} of the winner")
+            export._write_manifest(str(winner), export.export_key(model_name, None, engine), engine, stem, 0.2)
+            os.rename(winner, final)
+        for name in OpenVinoEngine.export_files(stem):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(f"{name} of the loser")
+        return 0.1
+
+    monkeypatch.setattr(export, "run_exporter", raced)
+    got = exported_model("VGG16", None, None, "openvino", str(tmp_path))
+    assert got.exported_now and all(open(f).read().endswith("of the winner") for f in got.files)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(got.folder)]  # the loser's folder is gone
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -14,7 +14,10 @@ seconds). The key covers what changes the exported graph: backbone, weights (the
 the random seed and Keras' version), engine and its version, Keras' and TensorFlow's versions and
 :data:`EXPORT_FORMAT` (bump it when the exported graph changes). A folder is written under a
 temporary name beside its place and renamed into place complete, so readers never see half an
-export and concurrent exporters are safe (the first rename wins, the others use it). Files whose
+export. Exporters of the same key on one machine take turns (a lock file beside the folder): the
+second waits, saying so, and uses the first's export instead of making its own; where the lock
+is not available (no ``fcntl``), concurrent exporters are still safe (the first rename wins, the
+others use it). Files whose
 sha256 differs from ``export.json`` are a damaged export: exported again. Each export runs in a
 child process (``python -m imagefeaturizer.export``): it imports TensorFlow and grows by a few GiB,
 which the driver does not keep.
@@ -28,6 +31,7 @@ and is an :class:`EngineError` naming the fix when asked for by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +44,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import backbones
 from .engines import AUTO, EngineError, TensorFlowEngine, choose_auto, engine_class
@@ -51,6 +55,11 @@ EXPORT_FORMAT = 1
 MODEL_CACHE_ENV = "IMAGEFEATURIZER_MODEL_CACHE"
 MANIFEST = "export.json"
 _LOG = logging.getLogger("imagefeaturizer")
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, concurrent exports stay safe through the rename
+    fcntl = None
 
 
 class ExportError(EngineError):
@@ -112,6 +121,37 @@ def exported_model(model_name: str, weights_path: str | None, weights_sha256: st
     if found is not None:
         return found
     os.makedirs(cache_dir, exist_ok=True)
+    with _exporting(final, log):
+        found = read_export(final, key, lambda _: None)  # made by an exporter this one waited for (damage: said)
+        return found if found is not None else _export(model_name, weights_path, engine, final, key, log)
+
+
+@contextlib.contextmanager
+def _exporting(final: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the export ``final`` (``.<name>.lock`` beside it), waiting for another
+    exporter that holds it; the holder removes the file when done."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock")
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is exporting {final}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # a process that opened it meanwhile exports at worst once more (its check first)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _export(model_name: str, weights_path: str | None, engine: str, final: str, key: dict,
+            log: Callable[[str], None]) -> ExportedModel:
+    """Export into a temporary folder beside ``final`` and rename it into place."""
+    cache_dir, name = os.path.dirname(final), os.path.basename(final)
     log(f"exporting {model_name} for the {engine} engine into {final} (once: later runs reuse it)")
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
