@@ -234,6 +234,14 @@ def cluster_settings(tmp_path_factory):
     assert pids
 
 
+@pytest.fixture
+def cluster_up(cluster_settings):
+    """The module's cluster with both workers alive: a test that killed one leaves it to the next
+    test that needs it (``cluster.start`` starts only what is not running)."""
+    cluster.start(2, cluster_settings, log=lambda *_: None)
+    return cluster_settings
+
+
 @pytest.fixture(scope="module")
 def raw_images(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("raw"), classes=("Covid-19", "No_findings"), per_class=8)
@@ -335,7 +343,8 @@ def local_run(spark, raw_images, weights_file, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_start_is_idempotent_and_a_used_port_is_a_clear_error(cluster_settings, tmp_path):
+def test_cli_start_is_idempotent_and_a_used_port_is_a_clear_error(cluster_up, tmp_path):
+    cluster_settings = cluster_up
     env = {
         **_env(),
         "XRAY_CLUSTER_DIR": cluster_settings.state_dir,
@@ -381,7 +390,7 @@ def _worker_of(record: dict, settings: cluster.ClusterSettings) -> str:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, raw_images, weights_file, local_run,
+def test_a_worker_killed_during_featurization_changes_nothing(cluster_up, raw_images, weights_file, local_run,
                                                               tmp_path, random_extractor):
     """The experiment on the cluster (resize job, featurization, fit, explanations) matches local
     mode, although a worker dies while it holds a featurization task, at a point the job itself
@@ -392,6 +401,7 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
     kills the worker of a waiting task (so that task is lost for sure), then opens the gate:
     Spark must run it again elsewhere.
     """
+    cluster_settings = cluster_up
     want, out_local = local_run
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -420,7 +430,6 @@ def test_a_worker_killed_during_featurization_changes_nothing(cluster_settings, 
         (gate / "open").touch()
         if proc.poll() is None:
             proc.kill()
-        cluster.start(2, cluster_settings, log=lambda *_: None)  # bring the worker back for later tests
 
     assert featurizing and killed, (
         f"the worker was not killed inside the featurization job: gate {_gate_records(gate, 'done')}, "
