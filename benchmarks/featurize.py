@@ -292,17 +292,14 @@ def cold_workers_warm_jvm(settings: dict, paths: list[str]):
 
     A long-running Spark application's JVM has compiled these long before; a fresh one spends
     several CPU-seconds of a 2-core machine compiling them during its first pandas UDF job. The
-    warm-up runs in a SparkContext that is stopped afterwards (the JVM stays; the next context
-    starts new Python workers).
+    warm-up runs in the active SparkContext (one is started when there is none), which is stopped
+    afterwards (the JVM stays; the next context starts new Python workers).
     """
     from pyspark.sql import SparkSession
 
     from xray.session import spark_session
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-    warm_up_jvm(spark_session(settings), paths)
+    warm_up_jvm(SparkSession.getActiveSession() or spark_session(settings), paths)
     SparkSession.getActiveSession().stop()
     return spark_session(settings)
 
