@@ -144,7 +144,7 @@ def _exporting(final: str, log: Callable[[str], None]) -> Iterator[None]:
             yield
         finally:
             with contextlib.suppress(OSError):
-                os.remove(path)  # a process that opened it meanwhile exports at worst once more (its check first)
+                os.remove(path)  # whoever locks after this (this file or a new one) first finds the export in place
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
