@@ -23,7 +23,8 @@ Options (before or after the command; for every experiment command):
 Environment:
   env-setup [--force]          create or update the Python environment (idempotent):
                                ./.conda-env from environment.yml when conda is on PATH,
-                               otherwise ./.venv from requirements.txt
+                               otherwise ./.venv from requirements.txt; then a class
+                               archive of Spark's jars in cache/jvm (Spark's JVM starts sooner)
 Experiments (run `python -m xray <command>` inside the environment):
   list                         list the experiments defined in config.yaml
   run <experiment> [--set key=value ...]
@@ -186,6 +187,12 @@ env_setup() { # verbose: for `./wrapper.sh env-setup`
     unlock_setup
     use_env_java
     check_java
+    build_class_archive
+}
+
+build_class_archive() { # optional: without it Spark starts as before
+    PYTHONPATH="$ROOT/code${PYTHONPATH:+:$PYTHONPATH}" "$ENV_PY" -m xray.class_archive \
+        || echo "$PROG: warning: no class archive; Spark starts without it" >&2
 }
 
 ensure_env() { # quiet: before every other command

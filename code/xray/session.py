@@ -26,6 +26,7 @@ import warnings
 import zipfile
 from typing import TYPE_CHECKING
 
+from . import class_archive
 from .errors import UserError
 
 if TYPE_CHECKING:  # pyspark, pandas (by shipping and compat) load when a session starts: the CLI's list stays quick
@@ -102,8 +103,9 @@ def spark_session(settings: dict) -> SparkSession:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in conf.items():
         builder = builder.config(key, value)
-    if _log_file:
-        builder = builder.config("spark.driver.extraJavaOptions", _java_options(conf))
+    options = _java_options(conf)
+    if options != conf.get("spark.driver.extraJavaOptions", ""):
+        builder = builder.config("spark.driver.extraJavaOptions", options)
     spark = _start(builder)
     if not _log_file:
         spark.sparkContext.setLogLevel("ERROR")  # no log file: keep the terminal to errors
@@ -195,10 +197,11 @@ def log_to(path: str | None) -> None:
 
 
 def _java_options(conf: dict) -> str:
-    """The driver JVM's options and the project's log4j2 configuration (to stderr: the log file)."""
-    ours = f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"
-    theirs = conf.get("spark.driver.extraJavaOptions", "")
-    return f"{theirs} {ours}".strip()
+    """The driver JVM's options: the user's; with a log file, the project's log4j2 configuration
+    (to stderr: the log file); with a class archive of Spark's jars, the options that use it."""
+    ours = [f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"] if _log_file else []
+    ours.append(class_archive.java_options(class_archive.archive_path()))
+    return " ".join(part for part in [conf.get("spark.driver.extraJavaOptions", ""), *ours] if part)
 
 
 def _start(builder) -> SparkSession:
