@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from xray import class_archive, session
+from xray import class_archive, cluster, session
 
 
 @pytest.fixture
@@ -92,6 +92,24 @@ def test_the_drivers_options_use_the_archive_once_it_exists(tmp_path, monkeypatc
     options = session._java_options({"spark.driver.extraJavaOptions": "-Dmine=1"})
     assert options == f"-Dmine=1 -XX:SharedArchiveFile={path} {class_archive.QUIET}"
     assert session._java_options({}) == f"-XX:SharedArchiveFile={path} {class_archive.QUIET}"
+
+
+def test_a_cluster_of_this_machine_starts_its_daemons_and_executors_from_the_archive(tmp_path, monkeypatch):
+    path = tmp_path / "spark-1111.jsa"
+    path.write_bytes(b"classes")
+    archive = f"-XX:SharedArchiveFile={path} {class_archive.QUIET}"
+    monkeypatch.setattr(class_archive, "archive_path", lambda: str(path))
+    monkeypatch.setattr(session, "_log_file", None)
+    options = session._jvm_options("spark://127.0.0.1:7077", {"spark.executor.extraJavaOptions": "-Dmine=1"})
+    assert options == {"spark.driver.extraJavaOptions": archive, "spark.executor.extraJavaOptions": f"-Dmine=1 {archive}"}
+    assert session._jvm_options("local[2]", {}) == {"spark.driver.extraJavaOptions": archive}
+    assert "spark.executor.extraJavaOptions" not in session._jvm_options("spark://10.0.0.5:7077", {})
+    monkeypatch.setenv("SPARK_DAEMON_JAVA_OPTS", "-Dmine=1")
+    settings = cluster.ClusterSettings(state_dir=str(tmp_path / "state"))
+    assert cluster._daemon_env(settings, {})["SPARK_DAEMON_JAVA_OPTS"] == f"-Dmine=1 {archive}"
+    path.unlink()
+    assert session._jvm_options("spark://127.0.0.1:7077", {"spark.executor.extraJavaOptions": "-Dmine=1"}) == {}
+    assert cluster._daemon_env(settings, {})["SPARK_DAEMON_JAVA_OPTS"] == "-Dmine=1"
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
+from . import class_archive
 from .atomic import write_json_atomic
 from .errors import UserError
 
@@ -172,6 +173,9 @@ def _daemon_env(settings: ClusterSettings, extra: dict[str, str]) -> dict[str, s
         PYSPARK_PYTHONPATH_SET="1",  # spark-config.sh: no pyspark source folder (pip has none) on it
         **extra,
     )
+    archive = class_archive.java_options(class_archive.archive_path())  # the daemons start sooner
+    if archive not in env.get("SPARK_DAEMON_JAVA_OPTS", ""):
+        env["SPARK_DAEMON_JAVA_OPTS"] = f"{env.get('SPARK_DAEMON_JAVA_OPTS', '')} {archive}".strip()
     return env
 
 

@@ -103,9 +103,8 @@ def spark_session(settings: dict) -> SparkSession:
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in conf.items():
         builder = builder.config(key, value)
-    options = _java_options(conf)
-    if options != conf.get("spark.driver.extraJavaOptions", ""):
-        builder = builder.config("spark.driver.extraJavaOptions", options)
+    for key, value in _jvm_options(master, conf).items():
+        builder = builder.config(key, value)
     spark = _start(builder)
     if not _log_file:
         spark.sparkContext.setLogLevel("ERROR")  # no log file: keep the terminal to errors
@@ -194,6 +193,17 @@ def log_to(path: str | None) -> None:
     """Sessions started from now on write the JVM's output into ``path`` (None: the terminal)."""
     global _log_file
     _log_file = path
+
+
+def _jvm_options(master: str, conf: dict) -> dict[str, str]:
+    """The JVM options that differ from the user's: the driver's (:func:`_java_options`) and, on a
+    cluster of this machine (``cluster start``), its executors' class archive."""
+    options = {"spark.driver.extraJavaOptions": _java_options(conf)}
+    if on_this_machine(master) and not is_local(master):
+        archive = class_archive.java_options(class_archive.archive_path())
+        theirs = conf.get("spark.executor.extraJavaOptions", "")
+        options["spark.executor.extraJavaOptions"] = f"{theirs} {archive}".strip()
+    return {key: value for key, value in options.items() if value != conf.get(key, "")}
 
 
 def _java_options(conf: dict) -> str:
