@@ -3,7 +3,7 @@
 A Spark application's JVM loads and verifies some ten thousand classes from Spark's jars before the
 first job runs. Java 17 can keep them, parsed and verified, in an archive that later JVMs map from
 disk (``-XX:SharedArchiveFile``). On a quiet 2-core machine a small local job (session, a pandas
-UDF, a LogisticRegression) took 15-16 s with the archive against 23-25 s without it.
+UDF, a LogisticRegression) took 15-16 s with the archive against 21-25 s without it.
 
 - :func:`archive_path`: where the archive of this Java and these Spark jars lives
   (``cache/jvm`` of the project; another Java or Spark gets another file);
@@ -51,6 +51,14 @@ def archive_path(folder: str = FOLDER) -> str | None:
         stat = os.stat(os.path.join(jars, name))
         key.update(f"\n{name} {stat.st_size} {stat.st_mtime_ns}".encode())
     return os.path.join(folder, f"spark-{key.hexdigest()[:16]}.jsa")
+
+
+def java_has_base_archive() -> bool:
+    """Whether this Java has its own (default) CDS archive, on which an archive of Spark's classes
+    is built: a JDK without ``lib/server/classes.jsa`` cannot write one."""
+    java = _java()
+    return java is not None and os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(java)), "lib", "server",
+                                                            "classes.jsa"))
 
 
 def java_options(path: str | None) -> str:
@@ -178,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("class archive of Spark's jars: building it (once per Java and Spark install; about a minute) ...", flush=True)
     start = time.time()
+    if not java_has_base_archive():
+        print(f"class archive: {_java()} has no CDS archive of its own (lib/server/classes.jsa) to build on;"
+              " Spark starts without one", file=sys.stderr)
+        return 1
     if not build(path):
         print(f"class archive: this Java wrote none (tried {BUILD_TIMEOUT_S // 60} min at most); Spark starts"
               " without one. Rerun ./wrapper.sh env-setup to try again", file=sys.stderr)
