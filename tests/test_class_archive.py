@@ -11,6 +11,7 @@ import time
 import pytest
 
 from xray import class_archive, cluster, session
+from xray.atomic import owner_tag
 
 
 @pytest.fixture
@@ -63,17 +64,19 @@ def test_build_puts_a_whole_archive_in_place_once_and_clears_other_ones(tmp_path
     folder = tmp_path / "jvm"
     folder.mkdir()
     (folder / "spark-0000.jsa").write_bytes(b"another install's")
-    (folder / ".building-old.jsa").write_bytes(b"a build that died")
-    os.utime(folder / ".building-old.jsa", (1, 1))
-    (folder / ".building-now.jsa").write_bytes(b"a build under way elsewhere")
+    host, boot, pid, start = owner_tag().split(".")
+    died = f".tmp-{host}.{boot}.{pid}.{int(start) + 1}-spark-0000.jsa-0123"  # a previous process's build
+    (folder / died).write_bytes(b"a build that died")
+    running = f".tmp-{owner_tag()}-spark-2222.jsa-4567"  # a build under way (this process: alive)
+    (folder / running).write_bytes(b"a build under way elsewhere")
     seen: list = []
     monkeypatch.setattr(class_archive.subprocess, "run", _fake_child(True, seen))
     path = str(folder / "spark-1111.jsa")
     assert class_archive.build(path) and open(path, "rb").read() == b"classes"
     [(cmd, target, present)] = seen
     assert cmd[-2:] == ["xray.class_archive", "--job"] and os.path.dirname(target) == str(folder)
-    assert sorted(present) == [".building-now.jsa", ".lock"]  # others gone before the build
-    assert sorted(os.listdir(folder)) == [".building-now.jsa", ".lock", "spark-1111.jsa"]
+    assert sorted(present) == [".lock", running]  # others gone before the build
+    assert sorted(os.listdir(folder)) == [".lock", running, "spark-1111.jsa"]
     assert class_archive.build(path) and len(seen) == 1  # there already: no second build
     assert class_archive.java_options(path) == f"-XX:SharedArchiveFile={path} {class_archive.QUIET}"
 

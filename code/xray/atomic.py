@@ -184,6 +184,31 @@ def _beside(dest: str) -> tuple[str, str]:
     return os.path.join(parent, f"{TEMP_PREFIX}{token}"), os.path.join(parent, f".old-{token}")
 
 
+def owned_path(dest: str) -> str:
+    """A path beside ``dest`` (not created) for a temporary that another program writes (e.g. a
+    JVM), named for this process as the others are: once it is gone, :func:`remove_orphans` of
+    the folder removes what was left there."""
+    return _beside(dest)[0]
+
+
+@contextmanager
+def folder_lock(folder: str) -> Iterator[None]:
+    """Hold ``folder``'s lock file (``.lock``; the folder is made) while other processes holding
+    it wait. Without ``fcntl`` (not POSIX) there is no lock."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(folder, ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def owned_folder(beside: str, what: str) -> str:
     """A new folder beside ``beside`` for temporary files, named for its owner as a staging folder
     is (``.tmp-<owner>-<name>-<what>-...``): once its process is gone, :func:`remove_orphans` of

@@ -26,14 +26,23 @@ import sys
 import tempfile
 import time
 
+from . import atomic
+
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "cache", "jvm")
 QUIET = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # a JVM that cannot use the archive says nothing
 BUILD_TIMEOUT_S = 900
 
 
+def spark_java() -> str | None:
+    """The java that spark-class runs: ``$JAVA_HOME/bin/java``, else the one on PATH (None when
+    there is none on PATH; the JAVA_HOME one may not exist)."""
+    java_home = os.environ.get("JAVA_HOME", "").strip()
+    return os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+
+
 def _java() -> str | None:
-    """The java that spark-submit runs: ``$JAVA_HOME/bin/java``, else the one on PATH."""
-    java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
+    """:func:`spark_java`, links resolved, when it exists."""
+    java = spark_java()
     return os.path.realpath(java) if java and os.path.exists(java) else None
 
 
@@ -66,32 +75,18 @@ def java_options(path: str | None) -> str:
     return f"-XX:SharedArchiveFile={path} {QUIET}" if path and os.path.isfile(path) else ""
 
 
-@contextlib.contextmanager
-def _turn(path: str):
-    """Builders take turns (a lock file in the archive's folder; without fcntl, no turns)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(os.path.join(os.path.dirname(path), ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def build(path: str) -> bool:
     """Write the archive at ``path`` unless it is there; True when it is there afterwards.
 
     The child's JVM writes it into a temporary file on its way out, renamed into place once whole.
+    Builders take turns (the folder's lock).
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _turn(path):
+    folder = os.path.dirname(path)
+    with atomic.folder_lock(folder):
         if os.path.isfile(path):
             return True
         _remove_others(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".building-", suffix=".jsa")
-        os.close(fd)
-        os.remove(tmp)  # the JVM creates it
+        tmp = atomic.owned_path(path)  # a JVM that writes after its child died leaves an orphan
         env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
         env["SPARK_SUBMIT_OPTS"] = f"{env.get('SPARK_SUBMIT_OPTS', '')} -XX:ArchiveClassesAtExit={tmp} {QUIET}".strip()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH")) if p)
@@ -110,14 +105,13 @@ def build(path: str) -> bool:
 
 def _remove_others(path: str) -> None:
     """Archives of another Java or Spark (each some 200 MB; a reinstalled environment's jars make
-    a new one), and files of builds that died, older than a build may take."""
-    folder, now = os.path.dirname(path), time.time()
+    a new one), and what builds whose process is gone left behind."""
+    folder = os.path.dirname(path)
     for name in os.listdir(folder):
-        other = os.path.join(folder, name)
-        stale = name.startswith(".building-") and now - os.path.getmtime(other) > BUILD_TIMEOUT_S
-        if stale or (name.startswith("spark-") and name.endswith(".jsa") and other != path):
+        if name.startswith("spark-") and name.endswith(".jsa") and name != os.path.basename(path):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(other)
+                os.remove(os.path.join(folder, name))
+    atomic.remove_orphans(folder)
 
 
 def _job() -> None:

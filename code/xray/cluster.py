@@ -23,7 +23,6 @@ the default ports): ``XRAY_CLUSTER_PORT`` (7077), ``XRAY_CLUSTER_WEBUI_PORT`` (8
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import os
@@ -39,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from . import class_archive
-from .atomic import write_json_atomic
+from .atomic import folder_lock, write_json_atomic
 from .errors import UserError
 
 HOST = "127.0.0.1"
@@ -144,8 +143,7 @@ def spark_home() -> str:
 
 def _check_tools() -> None:
     """Java as spark-class finds it (JAVA_HOME, else PATH), and ``ps``, which spark-daemon.sh uses."""
-    java_home = os.environ.get("JAVA_HOME", "").strip()
-    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    java_home, java = os.environ.get("JAVA_HOME", "").strip(), class_archive.spark_java()
     if not java or not os.access(java, os.X_OK):
         where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "no java on PATH"
         raise ClusterError(
@@ -254,13 +252,8 @@ def _wait_exit(pids: dict[str, int], log: Callable[[str], None]) -> None:
 @contextmanager
 def _locked(settings: ClusterSettings) -> Iterator[None]:
     """Serialize start and stop of one cluster folder across processes."""
-    os.makedirs(settings.state_dir, exist_ok=True)
-    with open(os.path.join(settings.state_dir, ".lock"), "w", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with folder_lock(settings.state_dir):
+        yield
 
 
 def _recorded(settings: ClusterSettings) -> ClusterSettings:
