@@ -44,10 +44,8 @@ CLASS_ARCHIVE = class_archive.archive_path()
 
 def use_class_archive() -> None:
     """Add the archive's options to the JVMs started from now on, once it exists."""
-    options = class_archive.java_options(CLASS_ARCHIVE)
     for var in ("SPARK_SUBMIT_OPTS", "SPARK_DAEMON_JAVA_OPTS"):
-        if options and options not in os.environ[var]:
-            os.environ[var] += " " + options
+        os.environ[var] = class_archive.with_archive(os.environ[var], CLASS_ARCHIVE)
 
 
 use_class_archive()

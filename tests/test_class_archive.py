@@ -99,6 +99,7 @@ def test_the_drivers_options_use_the_archive_once_it_exists(tmp_path, monkeypatc
     options = session._java_options({"spark.driver.extraJavaOptions": "-Dmine=1"})
     assert options == f"-Dmine=1 -XX:SharedArchiveFile={path} {class_archive.QUIET}"
     assert session._java_options({}) == f"-XX:SharedArchiveFile={path} {class_archive.QUIET}"
+    assert session._java_options({"spark.driver.extraJavaOptions": options}) == options  # there already: once
 
 
 def test_a_cluster_of_this_machine_starts_its_daemons_and_executors_from_the_archive(tmp_path, monkeypatch):

@@ -75,6 +75,12 @@ def java_options(path: str | None) -> str:
     return f"-XX:SharedArchiveFile={path} {QUIET}" if path and os.path.isfile(path) else ""
 
 
+def with_archive(options: str, path: str | None) -> str:
+    """JVM ``options`` followed by :func:`java_options` of ``path``, unless they are there already."""
+    ours = java_options(path)
+    return f"{options} {ours}".strip() if ours and ours not in options else options
+
+
 def build(path: str) -> bool:
     """Write the archive at ``path`` unless it is there; True when it is there afterwards.
 

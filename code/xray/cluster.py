@@ -171,9 +171,9 @@ def _daemon_env(settings: ClusterSettings, extra: dict[str, str]) -> dict[str, s
         PYSPARK_PYTHONPATH_SET="1",  # spark-config.sh: no pyspark source folder (pip has none) on it
         **extra,
     )
-    archive = class_archive.java_options(class_archive.archive_path())  # the daemons start sooner
-    if archive not in env.get("SPARK_DAEMON_JAVA_OPTS", ""):
-        env["SPARK_DAEMON_JAVA_OPTS"] = f"{env.get('SPARK_DAEMON_JAVA_OPTS', '')} {archive}".strip()
+    daemon_options = class_archive.with_archive(env.get("SPARK_DAEMON_JAVA_OPTS", ""), class_archive.archive_path())
+    if daemon_options:  # the daemons start sooner
+        env["SPARK_DAEMON_JAVA_OPTS"] = daemon_options
     return env
 
 

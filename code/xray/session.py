@@ -200,9 +200,8 @@ def _jvm_options(master: str, conf: dict) -> dict[str, str]:
     cluster of this machine (``cluster start``), its executors' class archive."""
     options = {"spark.driver.extraJavaOptions": _java_options(conf)}
     if on_this_machine(master) and not is_local(master):
-        archive = class_archive.java_options(class_archive.archive_path())
-        theirs = conf.get("spark.executor.extraJavaOptions", "")
-        options["spark.executor.extraJavaOptions"] = f"{theirs} {archive}".strip()
+        options["spark.executor.extraJavaOptions"] = class_archive.with_archive(
+            conf.get("spark.executor.extraJavaOptions", ""), class_archive.archive_path())
     return {key: value for key, value in options.items() if value != conf.get(key, "")}
 
 
@@ -210,8 +209,8 @@ def _java_options(conf: dict) -> str:
     """The driver JVM's options: the user's; with a log file, the project's log4j2 configuration
     (to stderr: the log file); with a class archive of Spark's jars, the options that use it."""
     ours = [f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"] if _log_file else []
-    ours.append(class_archive.java_options(class_archive.archive_path()))
-    return " ".join(part for part in [conf.get("spark.driver.extraJavaOptions", ""), *ours] if part)
+    options = " ".join(part for part in [conf.get("spark.driver.extraJavaOptions", ""), *ours] if part)
+    return class_archive.with_archive(options, class_archive.archive_path())
 
 
 def _start(builder) -> SparkSession:
